@@ -1,0 +1,151 @@
+// The CPU driver: walks every element of a list of tensors with one update
+// rule (csrc/rules/*.h) in a single parallel region.
+//
+// Note [CPU driver layout]
+// The total element count of all tensors is split into one range per thread
+// by at::parallel_for (torch's pool, so torch.set_num_threads applies); a
+// range may start and end inside any tensor.  Each tensor is walked linearly
+// over its memory, so every stream of one tensor must share its strides and
+// be dense (the op layer stages anything else through contiguous copies).
+// The element loop is compiled once per ISA (AVX-512, AVX2, baseline) with
+// GCC/Clang target attributes and the rule inlined into it; the ISA is chosen
+// at run time.  Floating-point contraction is off in the build, so every ISA
+// and the scalar tail round identically.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../rules/common.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTOPT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTOPT_ALWAYS_INLINE inline
+#endif
+
+#if defined(__clang__)
+#define FASTOPT_NO_ALIAS_LOOP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FASTOPT_NO_ALIAS_LOOP _Pragma("GCC ivdep")
+#else
+#define FASTOPT_NO_ALIAS_LOOP
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define FASTOPT_X86_MULTIVERSION 1
+#define FASTOPT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define FASTOPT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define FASTOPT_X86_MULTIVERSION 0
+#endif
+
+namespace fastopt::cpu {
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The ISA the element loops run with: the best the CPU supports, lowered by
+// the environment variable FASTOPT_CPU_CAPABILITY=baseline|avx2|avx512.
+Isa active_isa();
+const char* isa_name(Isa isa);
+
+// One tensor's streams as raw pointers into its (dense) memory.
+template <typename scalar_t, int kNumSlots>
+struct TensorStreams {
+  scalar_t* param;
+  const scalar_t* grad;
+  scalar_t* slot[kNumSlots > 0 ? kNumSlots : 1];
+  int64_t numel;
+  int64_t scalars_index;  // into Task::scalars
+};
+
+template <class Rule, typename scalar_t>
+struct Task {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<TensorStreams<scalar_t, Rule::kNumSlots>> tensors;
+  std::vector<int64_t> offsets;  // offsets[t] = elements before tensor t; size tensors + 1
+  std::vector<typename Rule::template Scalars<opmath_t>> scalars;
+  bool maximize = false;
+};
+
+template <class Rule, typename scalar_t>
+FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<scalar_t, Rule::kNumSlots>& t,
+                                           const typename Rule::template Scalars<at::opmath_type<scalar_t>>& scalars,
+                                           bool maximize, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int kSlots = Rule::kNumSlots;
+  // Local copies: the compiler cannot prove that stores through the tensor
+  // pointers leave the caller's structs alone, and reloading the scalars each
+  // iteration blocks vectorization.
+  const auto s = scalars;
+  const auto streams = t;
+  scalar_t* param = streams.param;
+  const scalar_t* grad = streams.grad;
+  FASTOPT_NO_ALIAS_LOOP
+  for (int64_t i = begin; i < end; ++i) {
+    opmath_t g = static_cast<opmath_t>(grad[i]);
+    g = maximize ? -g : g;
+    opmath_t p = static_cast<opmath_t>(param[i]);
+    opmath_t slot[kSlots > 0 ? kSlots : 1];
+    for (int k = 0; k < kSlots; ++k) slot[k] = static_cast<opmath_t>(streams.slot[k][i]);
+    Rule::update(p, g, slot, s);
+    param[i] = static_cast<scalar_t>(p);
+    for (int k = 0; k < kSlots; ++k) streams.slot[k][i] = static_cast<scalar_t>(slot[k]);
+  }
+}
+
+// Elements [begin, end) of the concatenation of all tensors of the task.
+template <class Rule, typename scalar_t>
+FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, scalar_t>& task, int64_t begin, int64_t end) {
+  const auto& off = task.offsets;
+  size_t t = std::upper_bound(off.begin(), off.end(), begin) - off.begin() - 1;
+  for (; begin < end; ++t) {
+    const int64_t stop = std::min(end, off[t + 1]);
+    const auto& tensor = task.tensors[t];
+    update_elements<Rule, scalar_t>(tensor, task.scalars[tensor.scalars_index], task.maximize,
+                                    begin - off[t], stop - off[t]);
+    begin = stop;
+  }
+}
+
+template <class Rule, typename scalar_t>
+void update_range_baseline(const Task<Rule, scalar_t>& task, int64_t begin, int64_t end) {
+  update_range_body<Rule, scalar_t>(task, begin, end);
+}
+
+#if FASTOPT_X86_MULTIVERSION
+template <class Rule, typename scalar_t>
+FASTOPT_TARGET_AVX2 void update_range_avx2(const Task<Rule, scalar_t>& task, int64_t begin, int64_t end) {
+  update_range_body<Rule, scalar_t>(task, begin, end);
+}
+
+template <class Rule, typename scalar_t>
+FASTOPT_TARGET_AVX512 void update_range_avx512(const Task<Rule, scalar_t>& task, int64_t begin,
+                                               int64_t end) {
+  update_range_body<Rule, scalar_t>(task, begin, end);
+}
+#endif
+
+// Runs the task: one parallel region over all elements of all tensors.
+template <class Rule, typename scalar_t>
+void run(const Task<Rule, scalar_t>& task) {
+  using RangeFn = void (*)(const Task<Rule, scalar_t>&, int64_t, int64_t);
+  RangeFn update_range = &update_range_baseline<Rule, scalar_t>;
+#if FASTOPT_X86_MULTIVERSION
+  switch (active_isa()) {
+    case Isa::kAvx512: update_range = &update_range_avx512<Rule, scalar_t>; break;
+    case Isa::kAvx2: update_range = &update_range_avx2<Rule, scalar_t>; break;
+    case Isa::kBaseline: break;
+  }
+#endif
+  const int64_t total = task.offsets.back();
+  if (total == 0) return;
+  at::parallel_for(0, total, kCpuMinElementsPerThread,
+                   [&](int64_t begin, int64_t end) { update_range(task, begin, end); });
+}
+
+}  // namespace fastopt::cpu

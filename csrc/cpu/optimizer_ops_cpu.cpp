@@ -1,0 +1,240 @@
+// CPU implementations of the fastopt ops: validate, lay out the streams for
+// the driver (multi_tensor_apply.h), count steps, derive per-tensor scalars
+// and run one rule.  The rules themselves live in csrc/rules/.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "../rules/adagrad.h"
+#include "../rules/adam.h"
+#include "../rules/rmsprop.h"
+#include "../rules/roofline.h"
+#include "../rules/sgd.h"
+#include "../validate.h"
+#include "multi_tensor_apply.h"
+
+namespace fastopt::cpu {
+
+Isa active_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBaseline;
+#if FASTOPT_X86_MULTIVERSION
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+#endif
+    const char* requested = std::getenv("FASTOPT_CPU_CAPABILITY");
+    if (requested != nullptr) {
+      if (std::strcmp(requested, "baseline") == 0) return Isa::kBaseline;
+      if (std::strcmp(requested, "avx2") == 0 && best != Isa::kBaseline) return Isa::kAvx2;
+    }
+    return best;
+  }();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kBaseline: return "baseline";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// Tensors the driver cannot walk linearly are updated through contiguous
+// copies that are written back after the kernel.
+struct WriteBack {
+  at::Tensor original, staged;
+};
+
+bool walks_with_param(const at::Tensor& t, const at::Tensor& param) {
+  return t.strides() == param.strides();
+}
+
+// Adds one to the step count and returns the new value.
+double increment_step(const at::Tensor& step) {
+  if (step.scalar_type() == at::kDouble) return *step.data_ptr<double>() += 1.0;
+  return *step.data_ptr<float>() += 1.0f;
+}
+
+template <class Rule>
+void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
+                const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+                const typename Rule::Hyper& hyper, bool maximize) {
+  constexpr int kSlots = Rule::kNumSlots;
+  TORCH_CHECK(slots.size() == size_t(kSlots), op, ": internal error, expected ", kSlots,
+              " state lists");
+  check_optimizer_lists(op, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
+  const size_t n = params.size();
+  if (n == 0) return;
+
+  // Streams of each tensor, staged through contiguous copies where the
+  // tensors of one param do not share a dense layout.
+  struct Streams {
+    at::Tensor param, grad;
+    std::array<at::Tensor, kSlots> slot;
+  };
+  std::vector<Streams> streams(n);
+  std::vector<WriteBack> write_backs;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    bool direct = p.is_non_overlapping_and_dense() && walks_with_param(grads[i], p);
+    for (int k = 0; k < kSlots; ++k) direct = direct && walks_with_param(slots[k].tensors[i], p);
+    Streams& s = streams[i];
+    s.param = direct ? p : p.contiguous();
+    s.grad = direct ? grads[i] : grads[i].contiguous();
+    if (!s.param.is_same(p)) write_backs.push_back({p, s.param});
+    for (int k = 0; k < kSlots; ++k) {
+      const at::Tensor& slot = slots[k].tensors[i];
+      s.slot[k] = direct ? slot : slot.contiguous();
+      if (!s.slot[k].is_same(slot)) write_backs.push_back({slot, s.slot[k]});
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastopt_cpu_step", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    Task<Rule, scalar_t> task;
+    task.maximize = maximize;
+    task.tensors.resize(n);
+    task.offsets.resize(n + 1);
+    task.offsets[0] = 0;
+    double last_step = -1.0;
+    for (size_t i = 0; i < n; ++i) {
+      // Tensors of one group almost always share their step count, so the
+      // scalars are derived once per distinct run of counts.
+      const double step = Rule::kCountsSteps ? increment_step(state_steps[i]) : 0.0;
+      if (task.scalars.empty() || step != last_step) {
+        task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, step));
+        last_step = step;
+      }
+      auto& t = task.tensors[i];
+      t.param = streams[i].param.template data_ptr<scalar_t>();
+      t.grad = streams[i].grad.template data_ptr<scalar_t>();
+      for (int k = 0; k < kSlots; ++k) t.slot[k] = streams[i].slot[k].template data_ptr<scalar_t>();
+      t.numel = streams[i].param.numel();
+      t.scalars_index = int64_t(task.scalars.size()) - 1;
+      task.offsets[i + 1] = task.offsets[i] + t.numel;
+    }
+    run(task);
+  });
+
+  for (auto& wb : write_backs) wb.original.copy_(wb.staged);
+}
+
+// Calls fn with std::integral_constant<bool, value>, so runtime flags select
+// a compile-time rule variant.
+template <class Fn>
+void with_bool(bool value, Fn&& fn) {
+  if (value) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+              at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+              double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+  const rules::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay};
+  std::vector<NamedTensorList> slots{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) slots.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
+  with_bool(decoupled_weight_decay, [&](auto decoupled) {
+    with_bool(amsgrad, [&](auto ams) {
+      constexpr auto mode = decoupled ? rules::WeightDecay::kDecoupled : rules::WeightDecay::kL2;
+      apply_rule<rules::Adam<mode, ams>>("fastopt::adam_", params, grads, slots, state_steps,
+                                          hyper, maximize);
+    });
+  });
+}
+
+void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+             double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+             bool maximize, bool first_momentum_step) {
+  TORCH_CHECK(!nesterov || momentum > 0, "fastopt::sgd_: nesterov needs momentum > 0");
+  const rules::SgdHyper hyper{lr, momentum, dampening, weight_decay, first_momentum_step};
+  std::vector<NamedTensorList> slots;
+  if (momentum != 0) slots.push_back({"momentum_buffers", momentum_buffers});
+  with_bool(momentum != 0, [&](auto has_momentum) {
+    with_bool(nesterov, [&](auto use_nesterov) {
+      if constexpr (has_momentum || !use_nesterov) {
+        apply_rule<rules::Sgd<has_momentum, use_nesterov>>("fastopt::sgd_", params, grads, slots,
+                                                           {}, hyper, maximize);
+      }
+    });
+  });
+}
+
+void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                 at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                 at::TensorList state_steps, double lr, double alpha, double eps,
+                 double weight_decay, double momentum, bool centered, bool maximize) {
+  const rules::RmspropHyper hyper{lr, alpha, eps, weight_decay, momentum};
+  std::vector<NamedTensorList> slots{{"square_avgs", square_avgs}};
+  if (centered) slots.push_back({"grad_avgs", grad_avgs});
+  if (momentum > 0) slots.push_back({"momentum_buffers", momentum_buffers});
+  with_bool(centered, [&](auto is_centered) {
+    with_bool(momentum > 0, [&](auto has_momentum) {
+      apply_rule<rules::Rmsprop<is_centered, has_momentum>>("fastopt::rmsprop_", params, grads,
+                                                            slots, state_steps, hyper, maximize);
+    });
+  });
+}
+
+void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                 at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
+                 double eps, bool maximize) {
+  const rules::AdagradHyper hyper{lr, lr_decay, weight_decay, eps};
+  apply_rule<rules::Adagrad>("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}},
+                             state_steps, hyper, maximize);
+}
+
+void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList slots) {
+  const size_t n = params.size();
+  TORCH_CHECK(n == 0 || slots.size() % n == 0, "fastopt::roofline_: slots must hold a whole "
+              "number of lists of ", n, " tensors, got ", slots.size());
+  const size_t num_slots = n == 0 ? 0 : slots.size() / n;
+  TORCH_CHECK(num_slots <= 3, "fastopt::roofline_: at most 3 state slots, got ", num_slots);
+  std::vector<NamedTensorList> slot_lists;
+  for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
+  auto run_with = [&](auto slot_count) {
+    apply_rule<rules::Roofline<decltype(slot_count)::value>>("fastopt::roofline_", params, grads,
+                                                             slot_lists, {}, {}, false);
+  };
+  switch (num_slots) {
+    case 0: run_with(std::integral_constant<int, 0>{}); break;
+    case 1: run_with(std::integral_constant<int, 1>{}); break;
+    case 2: run_with(std::integral_constant<int, 2>{}); break;
+    default: run_with(std::integral_constant<int, 3>{}); break;
+  }
+}
+
+std::string cpu_capability() { return isa_name(active_isa()); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("adam_", &adam_cpu);
+  m.impl("sgd_", &sgd_cpu);
+  m.impl("rmsprop_", &rmsprop_cpu);
+  m.impl("adagrad_", &adagrad_cpu);
+  m.impl("roofline_", &roofline_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastopt, m) {
+  m.def("cpu_capability() -> str", &cpu_capability);
+}
+
+}  // namespace fastopt::cpu

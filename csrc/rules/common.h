@@ -1,0 +1,20 @@
+// Shared definitions for the update rules: the host/device qualifier and the
+// tuning constants of the drivers, each with the reason for its value.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTOPT_HOST_DEVICE __host__ __device__
+#else
+#define FASTOPT_HOST_DEVICE
+#endif
+
+namespace fastopt {
+
+// Smallest number of elements worth handing to another CPU thread: below
+// about 16K elements (~450 KB of Adam streams) waking a pool thread costs more
+// than streaming the elements on the calling thread.
+constexpr int64_t kCpuMinElementsPerThread = 16384;
+
+}  // namespace fastopt

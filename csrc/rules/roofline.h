@@ -1,0 +1,36 @@
+// The roofline "rule": moves exactly the streams of an optimizer with
+// kSlots state tensors (reads param, grad and every slot; writes param and
+// every slot) with one add per stream, so its time through the same driver
+// is the memory floor that optimizer's step is measured against.
+#pragma once
+
+#include "common.h"
+
+namespace fastopt::rules {
+
+struct RooflineHyper {};
+
+template <typename T>
+struct RooflineScalars {};
+
+template <int kSlots>
+struct Roofline {
+  static constexpr int kNumSlots = kSlots;
+  static constexpr bool kCountsSteps = false;
+  using Hyper = RooflineHyper;
+  template <typename T>
+  using Scalars = RooflineScalars<T>;
+
+  template <typename T>
+  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper&, double) {
+    return {};
+  }
+
+  template <typename T>
+  FASTOPT_HOST_DEVICE static void update(T& param, T grad, T* slot, const Scalars<T>&) {
+    param = param + grad;
+    for (int k = 0; k < kSlots; ++k) slot[k] = slot[k] + grad;
+  }
+};
+
+}  // namespace fastopt::rules

@@ -1,0 +1,70 @@
+// Note [Validate before mutate]
+// torch.optim's for-loop implementation updates params one by one and can
+// fail half-way (a param replaced by model surgery, a grad of the wrong
+// shape), leaving a half-applied step.  fastopt checks every tensor of a
+// call first and only then increments steps and runs the kernel.
+#include "validate.h"
+
+#include <c10/util/Exception.h>
+
+namespace fastopt {
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_like_param(const char* op, const char* list, size_t i, const at::Tensor& t,
+                      const at::Tensor& param) {
+  TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", list, "[", i, "] has layout ", t.layout(),
+              "; fastopt supports dense (strided) tensors only");
+  TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
+              t.scalar_type(), " but params[", i, "] has dtype ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
+              " but params[", i, "] has shape ", param.sizes());
+}
+
+}  // namespace
+
+void check_optimizer_lists(const char* op, at::TensorList params, at::TensorList grads,
+                           const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+                           bool counts_steps, c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  for (const auto& slot : slots) {
+    TORCH_CHECK(slot.tensors.size() == n, op, ": got ", n, " params but ", slot.tensors.size(), " ",
+                slot.name);
+  }
+  if (counts_steps) {
+    TORCH_CHECK(state_steps.size() == n, op, ": got ", n, " params but ", state_steps.size(),
+                " state_steps");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.device().type() == device_type, op, ": params[", i, "] is on ", p.device(),
+                ", expected a ", device_type, " tensor");
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] has layout ", p.layout(),
+                "; fastopt supports dense (strided) tensors only");
+    TORCH_CHECK(supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
+                p.scalar_type(), "; supported: float32, float64, float16, bfloat16");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] has dtype ",
+                p.scalar_type(), " but params[0] has dtype ", params[0].scalar_type(),
+                "; one call takes tensors of one dtype");
+    check_like_param(op, "grads", i, grads[i], p);
+    for (const auto& slot : slots) check_like_param(op, slot.name, i, slot.tensors[i], p);
+    if (counts_steps) {
+      const at::Tensor& step = state_steps[i];
+      TORCH_CHECK(step.defined() && step.numel() == 1 &&
+                      (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+                  op, ": state_steps[", i, "] must be a one-element float32 or float64 tensor");
+      TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
+                  "] is on ", step.device(), " but params[", i, "] is on ", p.device());
+    }
+  }
+}
+
+}  // namespace fastopt
