@@ -1,0 +1,14 @@
+"""fastopt: torch.optim optimizers whose steps run as fused multi-tensor kernels.
+
+``fastopt.Adam, AdamW, RMSprop, SGD, Adagrad`` take the arguments of their
+torch.optim namesakes and keep the same state, so ``state_dict`` moves both
+ways.  ``fastopt.backends()`` reports which compiled kernels are loaded.
+"""
+from ._extension import backends
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .rmsprop import RMSprop
+from .sgd import SGD
+
+__version__ = "0.1.0"
+__all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "backends", "__version__"]

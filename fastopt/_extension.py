@@ -1,0 +1,84 @@
+"""Loading of the compiled kernels and the choice of backend.
+
+The extension ``fastopt._C`` registers the ops ``torch.ops.fastopt.*`` (see
+csrc/optimizer_ops.cpp).  When it cannot be loaded, fastopt runs every step on
+``fastopt.reference`` and says why once per process.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.fastopt)
+
+    _LOAD_ERROR: str | None = None
+except Exception as error:  # any failure to load means: use the reference
+    _LOAD_ERROR = f"{type(error).__name__}: {error}"
+
+BACKENDS = ("auto", "fused", "reference")
+_ENV_BACKEND = "FASTOPT_BACKEND"
+_fallback_warned = False
+
+
+def _compiled_device_types() -> tuple[str, ...]:
+    if _LOAD_ERROR is not None:
+        return ()
+    return tuple(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("fastopt::adam_", key)
+    )
+
+
+def backends() -> dict[str, Any]:
+    """What is compiled and loaded: devices with fused kernels, the CPU
+    instruction set the kernels run with, and why loading failed (if it did)."""
+    devices = _compiled_device_types()
+    return {
+        "fused_devices": list(devices),
+        "cpu_capability": torch.ops.fastopt.cpu_capability() if "cpu" in devices else None,
+        "load_error": _LOAD_ERROR,
+        "default_backend": os.environ.get(_ENV_BACKEND, "auto"),
+    }
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The backend an optimizer uses: the keyword, else $FASTOPT_BACKEND, else auto."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(_ENV_BACKEND, "auto"), f"${_ENV_BACKEND}"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def kernels_for(backend: str, device: torch.device) -> ModuleType | Any:
+    """The object whose ``adam_``, ``sgd_``, ... run a step on ``device``:
+    ``torch.ops.fastopt`` for fused kernels, else the reference module."""
+    if backend == "reference":
+        return reference
+    if device.type in _compiled_device_types():
+        return torch.ops.fastopt
+    reason = (
+        f"the compiled extension failed to load ({_LOAD_ERROR})"
+        if _LOAD_ERROR is not None
+        else f"it was built without kernels for {device.type} tensors"
+    )
+    if backend == "fused":
+        raise RuntimeError(f"fastopt: backend='fused' needs compiled kernels for {device}, but {reason}")
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"fastopt: running the pure-PyTorch reference (slow) because {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return reference

@@ -1,0 +1,195 @@
+"""The base every fastopt optimizer shares: grouping of tensors by device and
+dtype, lazy state creation, the cached per-group tensor lists and the choice
+of backend.  An optimizer subclass only declares its state layout, how a
+state starts, and which op a group's tensors go to.
+
+Note [Step plans]
+A step must cost O(param groups) Python work, not O(params).  For each param
+group the optimizer keeps a plan: the group's params split into buckets of
+one device and dtype, each holding aligned lists (params, state slots, step
+counts) ready for one op call.  A step reads the grads of each bucket and
+calls the op.  A plan is rebuilt when the group's param list or state layout
+changes, after load_state_dict / add_param_group, and on the step after new
+state was created.  State created in a step gets its own buckets for that
+step, because some rules start differently (SGD's momentum buffer copies the
+first gradient).  Hand edits of ``optimizer.state`` that replace state
+tensors must be followed by ``optimizer.invalidate_plans()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import _extension
+
+
+@dataclass
+class _Bucket:
+    """Aligned lists for one op call: params of one device and dtype."""
+
+    kernels: Any
+    params: list[Tensor] = field(default_factory=list)
+    slots: list[list[Tensor]] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    fresh: bool = False  # holds params whose state was created this step
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    buckets: list[_Bucket]
+    waiting: list[Tensor]  # params without state that have had no grad yet
+    single_use: bool  # built with fresh state: rebuild on the next step
+
+
+def _scalar(value: float | Tensor) -> float:
+    """A hyperparameter as a Python number (``lr`` may be a 0-dim tensor)."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class of fastopt optimizers (see Note [Step plans]).
+
+    Subclasses define ``_counts_steps``, ``_slot_names(group)``,
+    ``_init_slots(group, param, state)`` and ``_run(kernels, group, bucket, grads)``.
+    """
+
+    _counts_steps: bool = True
+
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str | None) -> None:
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"fastopt.{type(self).__name__} does not support differentiable=True: its fused "
+                f"steps are not recorded by autograd; use torch.optim.{type(self).__name__}"
+            )
+        self._backend = _extension.resolve_backend(backend)
+        self._plans: dict[int, _Plan] = {}
+        super().__init__(params, defaults)
+        if self._backend == "fused":
+            for group in self.param_groups:
+                for p in group["params"]:
+                    _extension.kernels_for("fused", p.device)
+
+    # -- what a subclass declares -------------------------------------------
+    def _slot_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _init_slots(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        """Creates the missing slots of ``state`` for ``param``."""
+        raise NotImplementedError
+
+    def _run(self, kernels: Any, group: dict[str, Any], bucket: _Bucket, params: list[Tensor],
+             grads: list[Tensor], slots: list[list[Tensor]], steps: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- torch.optim.Optimizer interface ----------------------------------------
+    @property
+    def backend(self) -> str:
+        """The backend this optimizer was created with: auto, fused or reference."""
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_backend"] = self._backend
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_backend", "auto")
+        super().__setstate__(state)
+        self._plans = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_backend", None) == "fused":
+            for p in self.param_groups[-1]["params"]:
+                _extension.kernels_for("fused", p.device)
+        self.invalidate_plans()
+
+    def invalidate_plans(self) -> None:
+        """Forget the cached tensor lists; the next step rebuilds them from
+        ``param_groups`` and ``state``."""
+        if hasattr(self, "_plans"):
+            self._plans.clear()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Performs a single optimization step (one fused op per device and
+        dtype of each param group).
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        for group, plan in zip(self.param_groups, plans):
+            for bucket in plan.buckets:
+                params, slots, steps = bucket.params, bucket.slots, bucket.steps
+                grads = [p.grad for p in params]
+                if any(g is None for g in grads):
+                    keep = [i for i, g in enumerate(grads) if g is not None]
+                    if not keep:
+                        continue
+                    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+                    slots = [[slot[i] for i in keep] for slot in slots]
+                    steps = [steps[i] for i in keep] if steps else steps
+                self._run(bucket.kernels, group, bucket, params, grads, slots, steps)
+        return loss
+
+    # -- plans ---------------------------------------------------------------
+    def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
+        key = (id(group), id(group["params"]), len(group["params"]), self._slot_names(group))
+        plan = self._plans.get(index)
+        if (
+            plan is None
+            or plan.key != key
+            or plan.single_use
+            or any(p.grad is not None for p in plan.waiting)
+        ):
+            plan = self._build_plan(group, key)
+            self._plans[index] = plan
+        return plan
+
+    def _build_plan(self, group: dict[str, Any], key: tuple) -> _Plan:
+        slot_names = self._slot_names(group)
+        required = slot_names + (("step",) if self._counts_steps else ())
+        buckets: dict[tuple, _Bucket] = {}
+        waiting: list[Tensor] = []
+        for p in group["params"]:
+            if p.is_complex():
+                raise NotImplementedError(
+                    f"fastopt.{type(self).__name__}: complex parameters are not supported yet "
+                    f"(got a {p.dtype} parameter of shape {tuple(p.shape)})"
+                )
+            state = self.state.get(p, {})
+            fresh = any(state.get(name) is None for name in required)
+            if fresh:
+                if p.grad is None:
+                    waiting.append(p)
+                    continue
+                state = self.state[p]
+                if self._counts_steps and state.get("step") is None:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                self._init_slots(group, p, state)
+            bucket_key = (p.device, p.dtype, fresh)
+            bucket = buckets.get(bucket_key)
+            if bucket is None:
+                kernels = _extension.kernels_for(self._backend, p.device)
+                bucket = buckets[bucket_key] = _Bucket(
+                    kernels, slots=[[] for _ in slot_names], fresh=fresh
+                )
+            bucket.params.append(p)
+            for slot, name in zip(bucket.slots, slot_names):
+                slot.append(state[name])
+            if self._counts_steps:
+                bucket.steps.append(state["step"])
+        single_use = any(b.fresh for b in buckets.values())
+        return _Plan(key, list(buckets.values()), waiting, single_use)
+
+
+__all__ = ["FusedOptimizer"]

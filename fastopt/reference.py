@@ -1,0 +1,209 @@
+"""The update rules in plain PyTorch: fastopt's specification, its fallback
+when the compiled extension is missing, and the oracle of its tests.
+
+Each function has the signature of the op ``torch.ops.fastopt.<name>``
+(Note [fastopt op schemas] in csrc/optimizer_ops.cpp) and performs the
+arithmetic of the matching rule in csrc/rules/ in the same order, in float32
+for float16/bfloat16 tensors (float64 for float64), rounding once on store.
+Like the ops, every function checks all its tensors before it changes any.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_", "sgd_", "rmsprop_", "adagrad_"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+                 slots: dict[str, Sequence[Tensor]], state_steps: Sequence[Tensor] | None) -> None:
+    """The checks of csrc/validate.cpp: one grad, slot tensor and step per param,
+    each on the param's device with its dtype and shape."""
+    n = len(params)
+    lists = {"grads": grads, **slots}
+    for name, tensors in lists.items():
+        if len(tensors) != n:
+            raise RuntimeError(f"fastopt::{op}: got {n} params but {len(tensors)} {name}")
+    if state_steps is not None and len(state_steps) != n:
+        raise RuntimeError(f"fastopt::{op}: got {n} params but {len(state_steps)} state_steps")
+    for i, p in enumerate(params):
+        if p.layout != torch.strided:
+            raise RuntimeError(f"fastopt::{op}: params[{i}] has layout {p.layout}; "
+                               "fastopt supports dense (strided) tensors only")
+        if p.dtype not in _SUPPORTED_DTYPES:
+            raise RuntimeError(f"fastopt::{op}: params[{i}] has dtype {p.dtype}; "
+                               "supported: float32, float64, float16, bfloat16")
+        if p.dtype != params[0].dtype:
+            raise RuntimeError(f"fastopt::{op}: params[{i}] has dtype {p.dtype} but params[0] has "
+                               f"dtype {params[0].dtype}; one call takes tensors of one dtype")
+        for name, tensors in lists.items():
+            t = tensors[i]
+            if t.layout != torch.strided:
+                raise RuntimeError(f"fastopt::{op}: {name}[{i}] has layout {t.layout}; "
+                                   "fastopt supports dense (strided) tensors only")
+            for what, got, expected in (("is on", t.device, p.device), ("has dtype", t.dtype, p.dtype),
+                                        ("has shape", list(t.shape), list(p.shape))):
+                if got != expected:
+                    raise RuntimeError(f"fastopt::{op}: {name}[{i}] {what} {got} but params[{i}] "
+                                       f"{what} {expected}")
+        if state_steps is not None:
+            step = state_steps[i]
+            if step.numel() != 1 or step.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(f"fastopt::{op}: state_steps[{i}] must be a one-element "
+                                   "float32 or float64 tensor")
+
+
+def _opmath(t: Tensor) -> Tensor:
+    """The tensor to compute in: a float32 copy of float16/bfloat16 tensors,
+    the tensor itself (updated in place) otherwise."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _store(target: Tensor, value: Tensor) -> None:
+    if value is not target:
+        target.copy_(value)
+
+
+def _grad(grad: Tensor, maximize: bool) -> Tensor:
+    grad = _opmath(grad)
+    return -grad if maximize else grad
+
+
+def _increment(step: Tensor) -> float:
+    step += 1
+    return step.item()
+
+
+@torch.no_grad()
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize) -> None:
+    """Adam / AdamW (csrc/rules/adam.h)::
+
+        g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
+        m += (1 - beta1) * (g - m);  v = beta2*v + (1 - beta2)*g*g;  v_max = max(v_max, v)
+        p += -lr/(1 - beta1^t) * m / (sqrt(v or v_max) / sqrt(1 - beta2^t) + eps)
+    """
+    slots = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        slots["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _check_lists("adam_", params, grads, slots, state_steps)
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        p, exp_avg, exp_avg_sq = _opmath(param), _opmath(exp_avgs[i]), _opmath(exp_avg_sqs[i])
+        g = _grad(grads[i], maximize)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        exp_avg.add_(g - exp_avg, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        second_moment = exp_avg_sq
+        if amsgrad:
+            second_moment = _opmath(max_exp_avg_sqs[i])
+            torch.maximum(second_moment, exp_avg_sq, out=second_moment)
+            _store(max_exp_avg_sqs[i], second_moment)
+        denom = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        p.add_(exp_avg / denom, alpha=-(lr / bias_correction1))
+        _store(param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
+
+
+@torch.no_grad()
+def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+         first_momentum_step) -> None:
+    """SGD (csrc/rules/sgd.h)::
+
+        g = -g if maximize;  g += wd*p
+        b = g (first momentum step)  or  b = momentum*b + (1 - dampening)*g
+        p += -lr * (nesterov ? g + momentum*b : b)      (p += -lr*g without momentum)
+    """
+    if nesterov and momentum <= 0:
+        raise RuntimeError("fastopt::sgd_: nesterov needs momentum > 0")
+    slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
+    _check_lists("sgd_", params, grads, slots, None)
+    for i, param in enumerate(params):
+        p = _opmath(param)
+        g = _grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        direction = g
+        if momentum != 0:
+            buf = _opmath(momentum_buffers[i])
+            if first_momentum_step:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            _store(momentum_buffers[i], buf)
+            direction = g + momentum * buf if nesterov else buf
+        p.add_(direction, alpha=-lr)
+        _store(param, p)
+
+
+@torch.no_grad()
+def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
+             weight_decay, momentum, centered, maximize) -> None:
+    """RMSprop (csrc/rules/rmsprop.h)::
+
+        g = -g if maximize;  g += wd*p;  s = alpha*s + (1 - alpha)*g*g
+        a += (1 - alpha)*(g - a) (centered);  avg = sqrt(centered ? s - a*a : s) + eps
+        b = momentum*b + g/avg; p += -lr*b  (momentum > 0)  or  p += -lr * g/avg
+    """
+    slots = {"square_avgs": square_avgs}
+    if centered:
+        slots["grad_avgs"] = grad_avgs
+    if momentum > 0:
+        slots["momentum_buffers"] = momentum_buffers
+    _check_lists("rmsprop_", params, grads, slots, state_steps)
+    for i, param in enumerate(params):
+        _increment(state_steps[i])
+        p, square_avg = _opmath(param), _opmath(square_avgs[i])
+        g = _grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        square_avg.mul_(alpha).add_(g * g, alpha=1 - alpha)
+        _store(square_avgs[i], square_avg)
+        variance = square_avg
+        if centered:
+            grad_avg = _opmath(grad_avgs[i])
+            grad_avg.add_(g - grad_avg, alpha=1 - alpha)
+            _store(grad_avgs[i], grad_avg)
+            variance = square_avg - grad_avg * grad_avg
+        avg = variance.sqrt().add_(eps)
+        if momentum > 0:
+            buf = _opmath(momentum_buffers[i])
+            buf.mul_(momentum).add_(g / avg)
+            _store(momentum_buffers[i], buf)
+            p.add_(buf, alpha=-lr)
+        else:
+            p.add_(g / avg, alpha=-lr)
+        _store(param, p)
+
+
+@torch.no_grad()
+def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, maximize) -> None:
+    """Adagrad (csrc/rules/adagrad.h)::
+
+        g = -g if maximize;  g += wd*p;  s += g*g
+        p += -lr/(1 + (t - 1)*lr_decay) * g / (sqrt(s) + eps)
+    """
+    _check_lists("adagrad_", params, grads, {"state_sums": state_sums}, state_steps)
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        clr = lr / (1 + (step - 1) * lr_decay)
+        p, state_sum = _opmath(param), _opmath(state_sums[i])
+        g = _grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        state_sum.add_(g * g)
+        _store(state_sums[i], state_sum)
+        p.add_(g / state_sum.sqrt().add_(eps), alpha=-clr)
+        _store(param, p)

@@ -1,0 +1,74 @@
+"""fastopt.RMSprop: torch.optim's RMSprop (centered and/or momentum) on fused
+kernels (csrc/rules/rmsprop.h)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, _scalar
+
+
+class RMSprop(FusedOptimizer):
+    """Drop-in for :class:`torch.optim.RMSprop`; see :class:`fastopt.Adam` for
+    the keyword-only ``backend``."""
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False,
+                 capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *, backend: str | None = None) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _slot_names(self, group):
+        return (
+            ("square_avg",)
+            + (("grad_avg",) if group["centered"] else ())
+            + (("momentum_buffer",) if group["momentum"] > 0 else ())
+        )
+
+    def _init_slots(self, group, param, state):
+        for name in self._slot_names(group):
+            if state.get(name) is None:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _run(self, kernels, group, bucket, params, grads, slots, steps):
+        named = dict(zip(self._slot_names(group), slots))
+        kernels.rmsprop_(
+            params, grads, named["square_avg"], named.get("grad_avg", []),
+            named.get("momentum_buffer", []), steps, lr=_scalar(group["lr"]),
+            alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
+        )

@@ -1,0 +1,69 @@
+"""fastopt.SGD: torch.optim's SGD with momentum / Nesterov on fused kernels
+(csrc/rules/sgd.h)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, _scalar
+
+
+class SGD(FusedOptimizer):
+    """Drop-in for :class:`torch.optim.SGD`; see :class:`fastopt.Adam` for the
+    keyword-only ``backend``.  The momentum buffer starts as a copy of the
+    first gradient, as in torch.optim."""
+
+    _counts_steps = False
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, backend: str | None = None) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _slot_names(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _init_slots(self, group, param, state):
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+
+    def _run(self, kernels, group, bucket, params, grads, slots, steps):
+        kernels.sgd_(
+            params, grads, slots[0] if slots else [], lr=_scalar(group["lr"]),
+            momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            maximize=group["maximize"], first_momentum_step=bucket.fresh,
+        )
