@@ -59,13 +59,26 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
+class _CompiledKernels:
+    """``torch.ops.fastopt`` shaped like the reference module: the ops as
+    attributes, plus the ``BoundTensors`` class."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "BoundTensors":
+            return torch.classes.fastopt.BoundTensors
+        return getattr(torch.ops.fastopt, name)
+
+
+_COMPILED = _CompiledKernels()
+
+
 def kernels_for(backend: str, device: torch.device) -> ModuleType | Any:
-    """The object whose ``adam_``, ``sgd_``, ... run a step on ``device``:
-    ``torch.ops.fastopt`` for fused kernels, else the reference module."""
+    """The object whose ``adam_``, ``adam_bound_``, ..., ``BoundTensors`` run a
+    step on ``device``: the compiled ops, or the reference module."""
     if backend == "reference":
         return reference
     if device.type in _compiled_device_types():
-        return torch.ops.fastopt
+        return _COMPILED
     reason = (
         f"the compiled extension failed to load ({_LOAD_ERROR})"
         if _LOAD_ERROR is not None

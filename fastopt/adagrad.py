@@ -65,8 +65,8 @@ class Adagrad(FusedOptimizer):
             state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
                                            memory_format=torch.preserve_format)
 
-    def _run(self, kernels, group, bucket, params, grads, slots, steps):
-        kernels.adagrad_(
-            params, grads, slots[0], steps, lr=_scalar(group["lr"]), lr_decay=group["lr_decay"],
+    def _run(self, group, bucket):
+        bucket.kernels.adagrad_bound_(
+            bucket.bound, lr=_scalar(group["lr"]), lr_decay=group["lr_decay"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         )

@@ -6,9 +6,10 @@ state starts, and which op a group's tensors go to.
 Note [Step plans]
 A step must cost O(param groups) Python work, not O(params).  For each param
 group the optimizer keeps a plan: the group's params split into buckets of
-one device and dtype, each holding aligned lists (params, state slots, step
-counts) ready for one op call.  A step reads the grads of each bucket and
-calls the op.  A plan is rebuilt when the group's param list or state layout
+one device and dtype, each holding its params, state slots and step counts
+bound once into a ``BoundTensors`` object (Note [Bound tensors] in
+csrc/bound_ops.cpp).  A step makes one ``*_bound_`` op call per bucket, which
+reads the grads itself and skips params without one.  A plan is rebuilt when the group's param list or state layout
 changes, after load_state_dict / add_param_group, and on the step after new
 state was created.  State created in a step gets its own buckets for that
 step, because some rules start differently (SGD's momentum buffer copies the
@@ -28,13 +29,19 @@ from . import _extension
 
 @dataclass
 class _Bucket:
-    """Aligned lists for one op call: params of one device and dtype."""
+    """The params of one device and dtype in a group, with their state, for
+    one op call per step."""
 
-    kernels: Any
+    kernels: Any  # fastopt.reference or the compiled ops (fastopt._extension)
+    fresh: bool  # holds params whose state was created this step
     params: list[Tensor] = field(default_factory=list)
     slots: list[list[Tensor]] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
-    fresh: bool = False  # holds params whose state was created this step
+    bound: Any = None  # kernels.BoundTensors of the lists above
+
+    def bind(self) -> None:
+        flat_slots = [t for slot in self.slots for t in slot]
+        self.bound = self.kernels.BoundTensors(self.params, flat_slots, self.steps)
 
 
 @dataclass
@@ -54,7 +61,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     """Base class of fastopt optimizers (see Note [Step plans]).
 
     Subclasses define ``_counts_steps``, ``_slot_names(group)``,
-    ``_init_slots(group, param, state)`` and ``_run(kernels, group, bucket, grads)``.
+    ``_init_slots(group, param, state)`` and ``_run(group, bucket)``.
     """
 
     _counts_steps: bool = True
@@ -81,8 +88,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Creates the missing slots of ``state`` for ``param``."""
         raise NotImplementedError
 
-    def _run(self, kernels: Any, group: dict[str, Any], bucket: _Bucket, params: list[Tensor],
-             grads: list[Tensor], slots: list[list[Tensor]], steps: list[Tensor]) -> None:
+    def _run(self, group: dict[str, Any], bucket: _Bucket) -> None:
+        """Calls the bucket's ``*_bound_`` op with the group's hyperparameters."""
         raise NotImplementedError
 
     # -- torch.optim.Optimizer interface ----------------------------------------
@@ -129,16 +136,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         for group, plan in zip(self.param_groups, plans):
             for bucket in plan.buckets:
-                params, slots, steps = bucket.params, bucket.slots, bucket.steps
-                grads = [p.grad for p in params]
-                if any(g is None for g in grads):
-                    keep = [i for i, g in enumerate(grads) if g is not None]
-                    if not keep:
-                        continue
-                    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-                    slots = [[slot[i] for i in keep] for slot in slots]
-                    steps = [steps[i] for i in keep] if steps else steps
-                self._run(bucket.kernels, group, bucket, params, grads, slots, steps)
+                self._run(group, bucket)
         return loss
 
     # -- plans ---------------------------------------------------------------
@@ -180,14 +178,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket = buckets.get(bucket_key)
             if bucket is None:
                 kernels = _extension.kernels_for(self._backend, p.device)
-                bucket = buckets[bucket_key] = _Bucket(
-                    kernels, slots=[[] for _ in slot_names], fresh=fresh
-                )
+                bucket = buckets[bucket_key] = _Bucket(kernels, fresh, slots=[[] for _ in slot_names])
             bucket.params.append(p)
             for slot, name in zip(bucket.slots, slot_names):
                 slot.append(state[name])
             if self._counts_steps:
                 bucket.steps.append(state["step"])
+        for bucket in buckets.values():
+            bucket.bind()
         single_use = any(b.fresh for b in buckets.values())
         return _Plan(key, list(buckets.values()), waiting, single_use)
 

@@ -15,7 +15,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adam_", "sgd_", "rmsprop_", "adagrad_"]
+__all__ = [
+    "adam_", "sgd_", "rmsprop_", "adagrad_",
+    "BoundTensors", "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_",
+]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -207,3 +210,65 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
         _store(state_sums[i], state_sum)
         p.add_(g / state_sum.sqrt().add_(eps), alpha=-clr)
         _store(param, p)
+
+
+class BoundTensors:
+    """A bucket's params, state slots (slot-major, like the C++ class) and step
+    counts, bound once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
+
+    def __init__(self, params: list[Tensor], slots: list[Tensor], steps: list[Tensor]) -> None:
+        n = len(params)
+        if (len(slots) % n if n else len(slots)) != 0:
+            raise RuntimeError(f"fastopt.BoundTensors: slots must hold whole lists of {n} tensors, "
+                               f"got {len(slots)}")
+        if steps and len(steps) != n:
+            raise RuntimeError(f"fastopt.BoundTensors: got {n} params but {len(steps)} steps")
+        self.params, self.steps = params, steps
+        self.slots = [slots[k * n:(k + 1) * n] for k in range(len(slots) // n)] if n else []
+
+
+def _step_tensors(bound: BoundTensors):
+    """The bound lists restricted to params that have a grad: (params, grads,
+    slot lists, steps), or None when no param has one."""
+    keep = [i for i, p in enumerate(bound.params) if p.grad is not None]
+    if not keep:
+        return None
+    params = [bound.params[i] for i in keep]
+    slots = [[slot[i] for i in keep] for slot in bound.slots]
+    steps = [bound.steps[i] for i in keep] if bound.steps else []
+    return params, [p.grad for p in params], slots, steps
+
+
+def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
+    return slots[k] if k < len(slots) else []
+
+
+def adam_bound_(bound: BoundTensors, **hyper) -> None:
+    tensors = _step_tensors(bound)
+    if tensors is not None:
+        params, grads, slots, steps = tensors
+        adam_(params, grads, _slot(slots, 0), _slot(slots, 1), _slot(slots, 2), steps, **hyper)
+
+
+def sgd_bound_(bound: BoundTensors, **hyper) -> None:
+    tensors = _step_tensors(bound)
+    if tensors is not None:
+        params, grads, slots, _ = tensors
+        sgd_(params, grads, _slot(slots, 0), **hyper)
+
+
+def rmsprop_bound_(bound: BoundTensors, **hyper) -> None:
+    tensors = _step_tensors(bound)
+    if tensors is not None:
+        params, grads, slots, steps = tensors
+        # Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
+        grad_avgs = slots[1] if hyper["centered"] else []
+        momentum_buffers = _slot(slots, 2 if hyper["centered"] else 1)
+        rmsprop_(params, grads, slots[0], grad_avgs, momentum_buffers, steps, **hyper)
+
+
+def adagrad_bound_(bound: BoundTensors, **hyper) -> None:
+    tensors = _step_tensors(bound)
+    if tensors is not None:
+        params, grads, slots, steps = tensors
+        adagrad_(params, grads, slots[0], steps, **hyper)

@@ -64,11 +64,9 @@ class RMSprop(FusedOptimizer):
             if state.get(name) is None:
                 state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _run(self, kernels, group, bucket, params, grads, slots, steps):
-        named = dict(zip(self._slot_names(group), slots))
-        kernels.rmsprop_(
-            params, grads, named["square_avg"], named.get("grad_avg", []),
-            named.get("momentum_buffer", []), steps, lr=_scalar(group["lr"]),
+    def _run(self, group, bucket):
+        bucket.kernels.rmsprop_bound_(
+            bucket.bound, lr=_scalar(group["lr"]),
             alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
             momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
         )

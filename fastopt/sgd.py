@@ -60,9 +60,9 @@ class SGD(FusedOptimizer):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
 
-    def _run(self, kernels, group, bucket, params, grads, slots, steps):
-        kernels.sgd_(
-            params, grads, slots[0] if slots else [], lr=_scalar(group["lr"]),
+    def _run(self, group, bucket):
+        bucket.kernels.sgd_bound_(
+            bucket.bound, lr=_scalar(group["lr"]),
             momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             maximize=group["maximize"], first_momentum_step=bucket.fresh,

@@ -59,10 +59,6 @@ struct WriteBack {
   at::Tensor original, staged;
 };
 
-bool walks_with_param(const at::Tensor& t, const at::Tensor& param) {
-  return t.strides() == param.strides();
-}
-
 // Adds one to the step count and returns the new value.
 double increment_step(const at::Tensor& step) {
   if (step.scalar_type() == at::kDouble) return *step.data_ptr<double>() += 1.0;
@@ -80,29 +76,6 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
   const size_t n = params.size();
   if (n == 0) return;
 
-  // Streams of each tensor, staged through contiguous copies where the
-  // tensors of one param do not share a dense layout.
-  struct Streams {
-    at::Tensor param, grad;
-    std::array<at::Tensor, kSlots> slot;
-  };
-  std::vector<Streams> streams(n);
-  std::vector<WriteBack> write_backs;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    bool direct = p.is_non_overlapping_and_dense() && walks_with_param(grads[i], p);
-    for (int k = 0; k < kSlots; ++k) direct = direct && walks_with_param(slots[k].tensors[i], p);
-    Streams& s = streams[i];
-    s.param = direct ? p : p.contiguous();
-    s.grad = direct ? grads[i] : grads[i].contiguous();
-    if (!s.param.is_same(p)) write_backs.push_back({p, s.param});
-    for (int k = 0; k < kSlots; ++k) {
-      const at::Tensor& slot = slots[k].tensors[i];
-      s.slot[k] = direct ? slot : slot.contiguous();
-      if (!s.slot[k].is_same(slot)) write_backs.push_back({slot, s.slot[k]});
-    }
-  }
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastopt_cpu_step", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     Task<Rule, scalar_t> task;
@@ -110,6 +83,35 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
     task.tensors.resize(n);
     task.offsets.resize(n + 1);
     task.offsets[0] = 0;
+
+    // Lay out the streams.  The tensors of one param are walked directly when
+    // they share the param's strides and the param is dense; otherwise all of
+    // them go through contiguous copies (written back after the kernel).
+    std::vector<at::Tensor> staged;  // keeps the copies alive through the kernel
+    std::vector<WriteBack> write_backs;
+    auto staged_ptr = [&](const at::Tensor& t, bool written) -> scalar_t* {
+      at::Tensor copy = t.contiguous();
+      if (written && !copy.is_same(t)) write_backs.push_back({t, copy});
+      staged.push_back(copy);
+      return static_cast<scalar_t*>(copy.data_ptr());
+    };
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& p = params[i];
+      bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
+      for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
+      auto& t = task.tensors[i];
+      t.param = direct ? static_cast<scalar_t*>(p.data_ptr()) : staged_ptr(p, true);
+      t.grad = direct ? static_cast<const scalar_t*>(grads[i].const_data_ptr())
+                      : staged_ptr(grads[i], false);
+      for (int k = 0; k < kSlots; ++k) {
+        const at::Tensor& slot = slots[k].tensors[i];
+        t.slot[k] = direct ? static_cast<scalar_t*>(slot.data_ptr()) : staged_ptr(slot, true);
+      }
+      t.numel = p.numel();
+      task.offsets[i + 1] = task.offsets[i] + t.numel;
+    }
+
+    // Nothing has been written so far; from here on the step happens.
     double last_step = -1.0;
     for (size_t i = 0; i < n; ++i) {
       // Tensors of one group almost always share their step count, so the
@@ -119,18 +121,11 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
         task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, step));
         last_step = step;
       }
-      auto& t = task.tensors[i];
-      t.param = streams[i].param.template data_ptr<scalar_t>();
-      t.grad = streams[i].grad.template data_ptr<scalar_t>();
-      for (int k = 0; k < kSlots; ++k) t.slot[k] = streams[i].slot[k].template data_ptr<scalar_t>();
-      t.numel = streams[i].param.numel();
-      t.scalars_index = int64_t(task.scalars.size()) - 1;
-      task.offsets[i + 1] = task.offsets[i] + t.numel;
+      task.tensors[i].scalars_index = int64_t(task.scalars.size()) - 1;
     }
     run(task);
+    for (auto& wb : write_backs) wb.original.copy_(wb.staged);
   });
-
-  for (auto& wb : write_backs) wb.original.copy_(wb.staged);
 }
 
 // Calls fn with std::integral_constant<bool, value>, so runtime flags select

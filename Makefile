@@ -1,0 +1,37 @@
+# The README's two commands: `make test` (every test) and `make bench` (the
+# throughput report).  Each creates .venv and installs what it needs itself:
+# the pinned CPU torch, the build and test tools, and fastopt built against
+# that torch (--no-build-isolation).
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+
+.PHONY: install test pytest ctest bench bench-quick clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q setuptools wheel ninja cmake
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+test: pytest ctest
+
+pytest: install
+	$(PY) -m pytest -q
+
+ctest: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/ctest.sh
+
+bench: install
+	$(PY) -m bench --out bench-out
+
+bench-quick: install
+	$(PY) -m bench --quick --out bench-out/quick
+
+clean:
+	rm -rf $(VENV) build build-cmake bench-out fastopt/_C*.so *.egg-info

@@ -1,0 +1,171 @@
+// Note [Bound tensors]
+// Handing a list of tensors from Python to a torch op costs about 75 ns per
+// tensor (each is unpacked, boxed into an IValue list and unboxed again).  A
+// step of 4000 params passes five such lists and would spend more time there
+// than in the kernel.  So the optimizers bind each bucket's params, state
+// slots and step counts once, into a BoundTensors object kept with the step
+// plan (fastopt/optimizer.py, Note [Step plans]), and each step calls a
+// *_bound_ op with it.  The op reads every param's .grad in C++, leaves out
+// params without one (as torch.optim does), and calls the list op (e.g.
+// fastopt::adam_) through the dispatcher, so the math, the checks and the
+// device dispatch stay in one place.  fastopt/reference.py mirrors this.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+namespace fastopt {
+namespace {
+
+struct BoundTensors : torch::CustomClassHolder {
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> slots;  // slot-major: slot k of param i at k * params.size() + i
+  std::vector<at::Tensor> steps;  // empty for rules that count no steps
+
+  BoundTensors(std::vector<at::Tensor> params_, std::vector<at::Tensor> slots_,
+               std::vector<at::Tensor> steps_)
+      : params(std::move(params_)), slots(std::move(slots_)), steps(std::move(steps_)) {
+    const size_t n = params.size();
+    TORCH_CHECK(n == 0 ? slots.empty() : slots.size() % n == 0,
+                "fastopt.BoundTensors: slots must hold whole lists of ", n, " tensors, got ",
+                slots.size());
+    TORCH_CHECK(steps.empty() || steps.size() == n, "fastopt.BoundTensors: got ", n,
+                " params but ", steps.size(), " steps");
+  }
+};
+
+using Bound = c10::intrusive_ptr<BoundTensors>;
+
+// The tensors of one step: the bound lists restricted to params that have a
+// grad.  When every param has one (the usual case) the lists are the bound
+// ones, not copies.
+class StepTensors {
+ public:
+  explicit StepTensors(const BoundTensors& bound) {
+    const size_t n = bound.params.size();
+    grads_.reserve(n);
+    std::vector<size_t> with_grad;
+    with_grad.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& grad = bound.params[i].grad();
+      if (grad.defined()) {
+        grads_.push_back(grad);
+        with_grad.push_back(i);
+      }
+    }
+    num_slots_ = n == 0 ? 0 : bound.slots.size() / n;
+    if (with_grad.size() == n) {
+      params_ = bound.params;
+      slots_ = bound.slots;
+      steps_ = bound.steps;
+      return;
+    }
+    // Copies of the handles (not the data) of the params that have a grad.
+    std::vector<at::Tensor> params, slots, steps;
+    for (size_t i : with_grad) {
+      params.push_back(bound.params[i]);
+      if (!bound.steps.empty()) steps.push_back(bound.steps[i]);
+    }
+    for (size_t k = 0; k < num_slots_; ++k) {
+      for (size_t i : with_grad) slots.push_back(bound.slots[k * n + i]);
+    }
+    owned_params_ = std::move(params);
+    owned_slots_ = std::move(slots);
+    owned_steps_ = std::move(steps);
+    params_ = owned_params_;
+    slots_ = owned_slots_;
+    steps_ = owned_steps_;
+  }
+
+  bool empty() const { return params_.empty(); }
+  at::TensorList params() const { return params_; }
+  at::TensorList grads() const { return grads_; }
+  at::TensorList steps() const { return steps_; }
+  // Slot k's list, or an empty list for a slot the rule does not have.
+  at::TensorList slot(size_t k) const {
+    return k < num_slots_ ? slots_.slice(k * params_.size(), params_.size()) : at::TensorList();
+  }
+
+ private:
+  std::vector<at::Tensor> grads_, owned_params_, owned_slots_, owned_steps_;
+  at::TensorList params_, slots_, steps_;
+  size_t num_slots_ = 0;
+};
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> list_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using TL = at::TensorList;
+
+void adam_bound(const Bound& bound, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+  static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
+                                bool, bool, bool)>("fastopt::adam_");
+  const StepTensors t(*bound);
+  if (t.empty()) return;
+  op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
+          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize);
+}
+
+void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
+               double weight_decay, bool nesterov, bool maximize, bool first_momentum_step) {
+  static auto op =
+      list_op<void(TL, TL, TL, double, double, double, double, bool, bool, bool)>("fastopt::sgd_");
+  const StepTensors t(*bound);
+  if (t.empty()) return;
+  op.call(t.params(), t.grads(), t.slot(0), lr, momentum, dampening, weight_decay, nesterov,
+          maximize, first_momentum_step);
+}
+
+void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, double weight_decay,
+                   double momentum, bool centered, bool maximize) {
+  static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
+                                bool, bool)>("fastopt::rmsprop_");
+  const StepTensors t(*bound);
+  if (t.empty()) return;
+  // Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
+  const size_t momentum_slot = centered ? 2 : 1;
+  op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
+          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize);
+}
+
+void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight_decay,
+                   double eps, bool maximize) {
+  static auto op =
+      list_op<void(TL, TL, TL, TL, double, double, double, double, bool)>("fastopt::adagrad_");
+  const StepTensors t(*bound);
+  if (t.empty()) return;
+  op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastopt, m) {
+  m.class_<BoundTensors>("BoundTensors")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>());
+  m.def(
+      "adam_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
+      "bool maximize) -> ()",
+      &adam_bound);
+  m.def(
+      "sgd_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_momentum_step) -> ()",
+      &sgd_bound);
+  m.def(
+      "rmsprop_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
+      "float alpha, float eps, float weight_decay, float momentum, bool centered, "
+      "bool maximize) -> ()",
+      &rmsprop_bound);
+  m.def(
+      "adagrad_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
+      "float lr_decay, float weight_decay, float eps, bool maximize) -> ()",
+      &adagrad_bound);
+}
+
+}  // namespace fastopt
