@@ -9,7 +9,13 @@
 // params without one (as torch.optim does), and calls the list op (e.g.
 // fastopt::adam_) through the dispatcher, so the math, the checks and the
 // device dispatch stay in one place.  fastopt/reference.py mirrors this.
+// The call goes below the autograd keys: the boxed autograd fallback would
+// box and unbox every tensor again (the cost this file exists to avoid);
+// the version counters of written tensors are bumped here instead, as
+// torch's in-place ops do.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -80,6 +86,13 @@ class StepTensors {
   }
 
   bool empty() const { return params_.empty(); }
+
+  // Marks params, state slots and steps as modified in place (after a step).
+  void bump_versions() const {
+    for (const auto* list : {&params_, &slots_, &steps_}) {
+      for (const at::Tensor& t : *list) torch::autograd::impl::bump_version(t);
+    }
+  }
   at::TensorList params() const { return params_; }
   at::TensorList grads() const { return grads_; }
   at::TensorList steps() const { return steps_; }
@@ -107,8 +120,10 @@ void adam_bound(const Bound& bound, double lr, double beta1, double beta2, doubl
                                 bool, bool, bool)>("fastopt::adam_");
   const StepTensors t(*bound);
   if (t.empty()) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
           eps, weight_decay, decoupled_weight_decay, amsgrad, maximize);
+  t.bump_versions();
 }
 
 void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
@@ -117,8 +132,10 @@ void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
       list_op<void(TL, TL, TL, double, double, double, double, bool, bool, bool)>("fastopt::sgd_");
   const StepTensors t(*bound);
   if (t.empty()) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), lr, momentum, dampening, weight_decay, nesterov,
           maximize, first_momentum_step);
+  t.bump_versions();
 }
 
 void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, double weight_decay,
@@ -127,10 +144,12 @@ void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, doub
                                 bool, bool)>("fastopt::rmsprop_");
   const StepTensors t(*bound);
   if (t.empty()) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   // Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
   const size_t momentum_slot = centered ? 2 : 1;
   op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
           t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize);
+  t.bump_versions();
 }
 
 void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight_decay,
@@ -139,7 +158,9 @@ void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight
       list_op<void(TL, TL, TL, TL, double, double, double, double, bool)>("fastopt::adagrad_");
   const StepTensors t(*bound);
   if (t.empty()) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize);
+  t.bump_versions();
 }
 
 }  // namespace
