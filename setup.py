@@ -6,8 +6,9 @@ Build against the installed torch: pip install --no-build-isolation .
 import glob
 import os
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,8 +19,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
 
 
-def cpu_sources():
-    patterns = ["csrc/*.cpp", "csrc/cpu/*.cpp"]
+def sources(*patterns):
     return sorted(
         os.path.relpath(path, ROOT)
         for pattern in patterns
@@ -27,13 +27,22 @@ def cpu_sources():
     )
 
 
-setup(
-    ext_modules=[
-        CppExtension(
+def extension():
+    """fastopt._C: the CPU kernels always; the CUDA kernels (csrc/cuda/) too
+    when torch was built with CUDA and nvcc is installed."""
+    cpu = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    cuda = sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if cuda and torch.version.cuda is not None and nvcc:
+        return CUDAExtension(
             name="fastopt._C",
-            sources=cpu_sources(),
-            extra_compile_args={"cxx": CXX_FLAGS},
+            sources=cpu + cuda,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
         )
-    ],
+    return CppExtension(name="fastopt._C", sources=cpu, extra_compile_args={"cxx": CXX_FLAGS})
+
+
+setup(
+    ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
