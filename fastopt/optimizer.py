@@ -9,16 +9,16 @@ group the optimizer keeps a plan: the group's params split into buckets of
 one device and dtype, each holding its params, state slots and step counts
 bound once into a ``BoundTensors`` object (Note [Bound tensors] in
 csrc/bound_ops.cpp).  A step makes one ``*_bound_`` op call per bucket, which
-reads the grads itself and skips params without one.  A plan is rebuilt when the group's param list or state layout
-changes, after load_state_dict / add_param_group, and on the step after new
-state was created.  State created in a step gets its own buckets for that
+reads the grads itself and skips params without one.  A plan is rebuilt when
+the group's param list or state layout changes, after load_state_dict /
+add_param_group, and on the step after new state was created.  State created in a step gets its own buckets for that
 step, because some rules start differently (SGD's momentum buffer copies the
 first gradient).  Hand edits of ``optimizer.state`` that replace state
 tensors must be followed by ``optimizer.invalidate_plans()``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,19 +29,12 @@ from . import _extension
 
 @dataclass
 class _Bucket:
-    """The params of one device and dtype in a group, with their state, for
-    one op call per step."""
+    """The params of one device and dtype in a group with their state: one op
+    call per step."""
 
     kernels: Any  # fastopt.reference or the compiled ops (fastopt._extension)
     fresh: bool  # holds params whose state was created this step
-    params: list[Tensor] = field(default_factory=list)
-    slots: list[list[Tensor]] = field(default_factory=list)
-    steps: list[Tensor] = field(default_factory=list)
-    bound: Any = None  # kernels.BoundTensors of the lists above
-
-    def bind(self) -> None:
-        flat_slots = [t for slot in self.slots for t in slot]
-        self.bound = self.kernels.BoundTensors(self.params, flat_slots, self.steps)
+    bound: Any  # kernels.BoundTensors(params, slot-major state slots, steps)
 
 
 @dataclass
@@ -156,7 +149,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self, group: dict[str, Any], key: tuple) -> _Plan:
         slot_names = self._slot_names(group)
         required = slot_names + (("step",) if self._counts_steps else ())
-        buckets: dict[tuple, _Bucket] = {}
+        # (device, dtype, fresh) -> (params, one list per slot, steps)
+        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[Tensor]]] = {}
         waiting: list[Tensor] = []
         for p in group["params"]:
             if p.is_complex():
@@ -174,20 +168,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if self._counts_steps and state.get("step") is None:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 self._init_slots(group, p, state)
-            bucket_key = (p.device, p.dtype, fresh)
-            bucket = buckets.get(bucket_key)
-            if bucket is None:
-                kernels = _extension.kernels_for(self._backend, p.device)
-                bucket = buckets[bucket_key] = _Bucket(kernels, fresh, slots=[[] for _ in slot_names])
-            bucket.params.append(p)
-            for slot, name in zip(bucket.slots, slot_names):
+            params, slots, steps = lists.setdefault(
+                (p.device, p.dtype, fresh), ([], [[] for _ in slot_names], [])
+            )
+            params.append(p)
+            for slot, name in zip(slots, slot_names):
                 slot.append(state[name])
             if self._counts_steps:
-                bucket.steps.append(state["step"])
-        for bucket in buckets.values():
-            bucket.bind()
-        single_use = any(b.fresh for b in buckets.values())
-        return _Plan(key, list(buckets.values()), waiting, single_use)
+                steps.append(state["step"])
+        buckets = []
+        for (device, _, fresh), (params, slots, steps) in lists.items():
+            kernels = _extension.kernels_for(self._backend, device)
+            flat_slots = [t for slot in slots for t in slot]
+            buckets.append(_Bucket(kernels, fresh, kernels.BoundTensors(params, flat_slots, steps)))
+        single_use = any(bucket.fresh for bucket in buckets)
+        return _Plan(key, buckets, waiting, single_use)
 
 
 __all__ = ["FusedOptimizer"]

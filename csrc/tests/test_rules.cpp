@@ -36,14 +36,16 @@ constexpr int kSteps = 10;     // steps per trajectory
 constexpr double kStartSteps[] = {0, 1, 41, 9990};
 constexpr int kSeedsPerSetting = 3;
 
-// rtol against the error scale: a few hundred unit roundoffs for float
-// (2^-24 ~ 6e-8), room for ten steps of a dozen roundings each.
+// rtol against the error scale: 4e-6 is ~67 unit roundoffs of float
+// (2^-24), 2e-14 ~180 of double (2^-53).  A correct rule uses under 15 over
+// ten steps (the run prints the largest ratio seen); a wrong formula misses
+// by a large fraction of the scale.
 template <typename T>
 constexpr double kRtol = 0;
 template <>
-constexpr double kRtol<float> = 1e-5;
+constexpr double kRtol<float> = 4e-6;
 template <>
-constexpr double kRtol<double> = 1e-12;
+constexpr double kRtol<double> = 2e-14;
 
 template <typename T>
 const char* type_name() {
