@@ -10,7 +10,7 @@ one device and dtype, each holding its params, state slots and step counts
 bound once into a ``BoundTensors`` object (Note [Bound tensors] in
 csrc/bound_ops.cpp).  A step makes one ``*_bound_`` op call per bucket, which
 reads the grads itself and skips params without one.  A plan is rebuilt when
-the group's param list or state layout changes, after load_state_dict /
+the group's params (compared by identity) or state layout change, after load_state_dict /
 add_param_group, and on the step after new state was created.  State created in a step gets its own buckets for that
 step, because some rules start differently (SGD's momentum buffer copies the
 first gradient).  Hand edits of ``optimizer.state`` that replace state
@@ -18,6 +18,7 @@ tensors must be followed by ``optimizer.invalidate_plans()``.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ class _Bucket:
 @dataclass
 class _Plan:
     key: tuple
+    params: list[Tensor]  # the group's params when the plan was built
     buckets: list[_Bucket]
     waiting: list[Tensor]  # params without state that have had no grad yet
     single_use: bool  # built with fresh state: rebuild on the next step
@@ -97,7 +99,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_backend", "auto")
+        # load_state_dict also lands here, with only state and param_groups:
+        # it must keep the backend this optimizer was created with.
+        if "_backend" not in state:
+            state["_backend"] = getattr(self, "_backend", "auto")
         super().__setstate__(state)
         self._plans = {}
 
@@ -134,12 +139,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- plans ---------------------------------------------------------------
     def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
-        key = (id(group), id(group["params"]), len(group["params"]), self._slot_names(group))
+        key = (id(group), self._slot_names(group))
         plan = self._plans.get(index)
         if (
             plan is None
             or plan.key != key
             or plan.single_use
+            or len(plan.params) != len(group["params"])
+            # Identity, not ==: a C-level pass (~20 ns a param) that also sees
+            # one param replaced in place in the list (model surgery).
+            or not all(map(operator.is_, plan.params, group["params"]))
             or any(p.grad is not None for p in plan.waiting)
         ):
             plan = self._build_plan(group, key)
@@ -182,7 +191,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             flat_slots = [t for slot in slots for t in slot]
             buckets.append(_Bucket(kernels, fresh, kernels.BoundTensors(params, flat_slots, steps)))
         single_use = any(bucket.fresh for bucket in buckets)
-        return _Plan(key, buckets, waiting, single_use)
+        return _Plan(key, list(group["params"]), buckets, waiting, single_use)
 
 
 __all__ = ["FusedOptimizer"]
