@@ -5,6 +5,7 @@ Build against the installed torch: pip install --no-build-isolation .
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -17,6 +18,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -fno-math-errno lets sqrt vectorize.  No -march: the ISA is chosen at run
 # time per function, so one wheel runs on any x86-64.
 CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+# at::parallel_for is inline and splits work only where the caller is built
+# with OpenMP (torch's Linux wheels use OpenMP; libgomp resolves to torch's
+# own copy, so there is one thread pool and torch.set_num_threads applies).
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def sources(*patterns):
@@ -37,9 +42,15 @@ def extension():
         return CUDAExtension(
             name="fastopt._C",
             sources=cpu + cuda,
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=OPENMP_FLAGS,
         )
-    return CppExtension(name="fastopt._C", sources=cpu, extra_compile_args={"cxx": CXX_FLAGS})
+    return CppExtension(
+        name="fastopt._C",
+        sources=cpu,
+        extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
+    )
 
 
 setup(

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Configures, builds and runs fastopt's C++ tests (CMakeLists.txt) in
+# ./build-cmake against the torch of the current Python environment.
+# Usage: scripts/ctest.sh [extra cmake -D options, e.g. -DFASTOPT_SANITIZE=ON]
+# Env: PYTHON (default python), BUILD_DIR (default build-cmake), JOBS (default 2).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python}"
+BUILD_DIR="${BUILD_DIR:-build-cmake}"
+JOBS="${JOBS:-2}"
+
+TORCH_PREFIX="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+
+# Ninja when available (pip's ninja is a Python package, not always on PATH).
+generator=()
+if command -v ninja >/dev/null 2>&1; then
+  generator=(-G Ninja)
+elif NINJA_DIR="$("$PYTHON" -c 'import ninja, os; print(ninja.BIN_DIR)' 2>/dev/null)" &&
+     [[ -x "$NINJA_DIR/ninja" ]]; then
+  generator=(-G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA_DIR/ninja")
+fi
+# A build directory keeps the generator it was configured with.
+if [[ -f "$BUILD_DIR/CMakeCache.txt" ]]; then
+  generator=()
+fi
+
+start=$SECONDS
+cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" "$@"
+cmake --build "$BUILD_DIR" --parallel "$JOBS"
+(cd "$BUILD_DIR" && ctest --output-on-failure)
+echo "scripts/ctest.sh: configured, built and tested in $((SECONDS - start)) s"
