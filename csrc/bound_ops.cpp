@@ -96,6 +96,7 @@ class StepTensors {
   at::TensorList params() const { return params_; }
   at::TensorList grads() const { return grads_; }
   at::TensorList steps() const { return steps_; }
+  at::TensorList slots() const { return slots_; }  // slot-major, as bound
   // Slot k's list, or an empty list for a slot the rule does not have.
   at::TensorList slot(size_t k) const {
     return k < num_slots_ ? slots_.slice(k * params_.size(), params_.size()) : at::TensorList();
@@ -163,6 +164,15 @@ void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight
   t.bump_versions();
 }
 
+void roofline_bound(const Bound& bound) {
+  static auto op = list_op<void(TL, TL, TL)>("fastopt::roofline_");
+  const StepTensors t(*bound);
+  if (t.empty()) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(t.params(), t.grads(), t.slots());
+  t.bump_versions();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastopt, m) {
@@ -187,6 +197,9 @@ TORCH_LIBRARY_FRAGMENT(fastopt, m) {
       "adagrad_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
       "float lr_decay, float weight_decay, float eps, bool maximize) -> ()",
       &adagrad_bound);
+  // The roofline through the same per-step path as the optimizers (bench/).
+  m.def("roofline_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> ()",
+        &roofline_bound);
 }
 
 }  // namespace fastopt

@@ -1,0 +1,15 @@
+"""fastopt's benchmark harness: ``python -m bench`` (see ``python -m bench --help``).
+
+Measures one optimizer step of fastopt (fused kernels and the pure-PyTorch
+reference) against torch.optim (for-loop, foreach, fused), DeepSpeed's CPU
+optimizers when importable, and the roofline op ``torch.ops.fastopt.roofline_bound_``
+(the same streams moved with trivial arithmetic), all in one run; writes
+results.json, report.md and PNG plots (DESIGN.md, section Benchmarks).
+
+Modules: workloads (parameter shape lists), optimizers (option sets and the
+state tensors they keep), implementations (how each implementation builds a
+step), timing (timers, warm-up/repeat policy, cache rotation, peak extra
+memory), system (device and cache facts), runner (the benchmark loop),
+report (results.json, report.md, plots), progress (the stderr progress bar),
+cli (argument parsing).
+"""

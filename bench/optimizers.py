@@ -1,0 +1,41 @@
+"""The optimizer option sets benchmarked, and the state tensors each keeps
+(which sets the bytes a step moves)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    key: str            # CLI name
+    cls: str            # class name in torch.optim and fastopt
+    label: str          # name in the report
+    options: dict[str, Any] = field(default_factory=dict)
+    slots: int = 0      # state tensors per param (K)
+
+    def bytes_per_step(self, numel: int, itemsize: int) -> int:
+        """Param read+write, K slots read+write, grad read."""
+        return numel * itemsize * (2 * (1 + self.slots) + 1)
+
+
+SPECS: dict[str, OptimizerSpec] = {
+    s.key: s
+    for s in (
+        OptimizerSpec("adam", "Adam", "Adam", {"lr": 1e-3}, 2),
+        OptimizerSpec("adam-amsgrad", "Adam", "Adam amsgrad", {"lr": 1e-3, "amsgrad": True}, 3),
+        OptimizerSpec("adamw", "AdamW", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 2),
+        OptimizerSpec("sgd", "SGD", "SGD", {"lr": 1e-3}, 0),
+        OptimizerSpec("sgd-momentum", "SGD", "SGD momentum", {"lr": 1e-3, "momentum": 0.9}, 1),
+        OptimizerSpec("sgd-nesterov", "SGD", "SGD nesterov",
+                      {"lr": 1e-3, "momentum": 0.9, "nesterov": True}, 1),
+        OptimizerSpec("rmsprop", "RMSprop", "RMSprop", {"lr": 1e-3}, 1),
+        OptimizerSpec("rmsprop-centered-momentum", "RMSprop", "RMSprop centered+momentum",
+                      {"lr": 1e-3, "centered": True, "momentum": 0.9}, 3),
+        OptimizerSpec("adagrad", "Adagrad", "Adagrad", {"lr": 1e-2}, 1),
+    )
+}
+
+# Plain SGD (no state) is available with --optimizers sgd but not run by default.
+DEFAULT_OPTIMIZERS = ("adam", "adam-amsgrad", "adamw", "sgd-momentum", "sgd-nesterov", "rmsprop",
+                      "rmsprop-centered-momentum", "adagrad")
