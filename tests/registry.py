@@ -1,0 +1,334 @@
+"""The one table of optimizers × options and the table of parameter shapes
+that drive most of fastopt's tests, plus the helpers that build parameters
+and feed them identical random gradients.
+
+Every option of every optimizer appears in at least one ``OptimizerCase``.
+Learning rates are large (1e-2 .. 1e-1) so that ten steps move every
+parameter by far more than any comparison tolerance: a wrong or missing
+update cannot hide inside a tolerance.
+
+Weight decays are "unround" (0.0731, not 0.1): with 0.1, ``0.1 * p`` of a
+float16 / bfloat16 ``p`` is often exactly a float16 / bfloat16 number, so
+``g + wd * p`` cancels to exactly zero for some elements; whether the result
+is then 0 or a rounding residue depends on whether an implementation fuses
+the multiply-add (torch.optim's ``add(alpha=)`` does, fastopt's rules do
+not), and Adagrad / Adam normalize that residue into a full ``lr``-sized
+step.  That is ill-conditioning of the comparison, not an error of either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+import fastopt
+
+# -- optimizers × options ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    """One optimizer with one set of options."""
+
+    id: str
+    torch_cls: type[torch.optim.Optimizer]
+    fastopt_cls: type[torch.optim.Optimizer]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def make_kwargs(self) -> dict[str, Any]:
+        """A fresh copy of ``kwargs`` (tensor hyperparameters are cloned, so two
+        optimizers never share one)."""
+        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.kwargs.items()}
+
+    def make_torch(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+        """torch.optim's for-loop implementation: the oracle."""
+        return self.torch_cls(params, foreach=False, **self.make_kwargs())
+
+    def make_fastopt(self, params: Sequence[Tensor], backend: str | None = None) -> torch.optim.Optimizer:
+        return self.fastopt_cls(params, backend=backend, **self.make_kwargs())
+
+
+OPTIMIZERS: list[OptimizerCase] = [
+    # Adam: L2 or decoupled weight decay, amsgrad, maximize, a 0-dim tensor lr.
+    OptimizerCase("adam-default", torch.optim.Adam, fastopt.Adam, {"lr": 5e-2}),
+    OptimizerCase("adam-weight_decay", torch.optim.Adam, fastopt.Adam,
+                  {"lr": 5e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0731}),
+    OptimizerCase("adam-amsgrad", torch.optim.Adam, fastopt.Adam, {"lr": 5e-2, "amsgrad": True}),
+    OptimizerCase("adam-maximize", torch.optim.Adam, fastopt.Adam, {"lr": 5e-2, "maximize": True}),
+    OptimizerCase("adam-decoupled_weight_decay", torch.optim.Adam, fastopt.Adam,
+                  {"lr": 5e-2, "weight_decay": 0.0731, "decoupled_weight_decay": True}),
+    # A float64 0-dim lr: torch.optim computes lr / bias_correction1 as a tensor
+    # op, so a float32 lr tensor would round the step size to float32 (6e-8
+    # relative) while fastopt takes lr.item() and works in double; a float64
+    # tensor keeps the float64 parity tests meaningful.
+    OptimizerCase("adam-tensor_lr", torch.optim.Adam, fastopt.Adam,
+                  {"lr": torch.tensor(8e-2, dtype=torch.float64)}),
+    # AdamW: decoupled weight decay (default 1e-2, raised so it matters).
+    OptimizerCase("adamw-default", torch.optim.AdamW, fastopt.AdamW, {"lr": 5e-2, "weight_decay": 0.0731}),
+    OptimizerCase("adamw-amsgrad-maximize", torch.optim.AdamW, fastopt.AdamW,
+                  {"lr": 5e-2, "weight_decay": 0.0517, "amsgrad": True, "maximize": True}),
+    # SGD: the first momentum step copies the gradient, later ones use the recurrence.
+    OptimizerCase("sgd-plain", torch.optim.SGD, fastopt.SGD, {"lr": 5e-2}),
+    OptimizerCase("sgd-momentum", torch.optim.SGD, fastopt.SGD, {"lr": 5e-2, "momentum": 0.9}),
+    OptimizerCase("sgd-momentum-dampening", torch.optim.SGD, fastopt.SGD,
+                  {"lr": 5e-2, "momentum": 0.8, "dampening": 0.3}),
+    OptimizerCase("sgd-nesterov-weight_decay", torch.optim.SGD, fastopt.SGD,
+                  {"lr": 5e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0731}),
+    OptimizerCase("sgd-maximize", torch.optim.SGD, fastopt.SGD,
+                  {"lr": 5e-2, "momentum": 0.5, "maximize": True}),
+    # RMSprop: centered and momentum are independent template flags.
+    OptimizerCase("rmsprop-default", torch.optim.RMSprop, fastopt.RMSprop, {"lr": 1e-2}),
+    OptimizerCase("rmsprop-centered", torch.optim.RMSprop, fastopt.RMSprop,
+                  {"lr": 1e-2, "centered": True}),
+    OptimizerCase("rmsprop-momentum", torch.optim.RMSprop, fastopt.RMSprop,
+                  {"lr": 1e-2, "momentum": 0.9}),
+    OptimizerCase("rmsprop-centered-momentum-weight_decay", torch.optim.RMSprop, fastopt.RMSprop,
+                  {"lr": 1e-2, "alpha": 0.9, "eps": 1e-6, "centered": True, "momentum": 0.5,
+                   "weight_decay": 0.0731}),
+    OptimizerCase("rmsprop-maximize", torch.optim.RMSprop, fastopt.RMSprop,
+                  {"lr": 1e-2, "maximize": True}),
+    # Adagrad: the step count enters through lr_decay.
+    OptimizerCase("adagrad-default", torch.optim.Adagrad, fastopt.Adagrad, {"lr": 1e-1}),
+    OptimizerCase("adagrad-lr_decay", torch.optim.Adagrad, fastopt.Adagrad,
+                  {"lr": 1e-1, "lr_decay": 0.05}),
+    OptimizerCase("adagrad-initial_accumulator_value", torch.optim.Adagrad, fastopt.Adagrad,
+                  {"lr": 1e-1, "initial_accumulator_value": 0.5, "eps": 1e-6}),
+    OptimizerCase("adagrad-weight_decay-maximize", torch.optim.Adagrad, fastopt.Adagrad,
+                  {"lr": 1e-1, "weight_decay": 0.0731, "maximize": True}),
+]
+
+OPTIMIZER_IDS = [case.id for case in OPTIMIZERS]
+OPTIMIZERS_BY_ID = {case.id: case for case in OPTIMIZERS}
+
+
+# -- shapes --------------------------------------------------------------------
+
+# Layouts of a parameter or gradient tensor:
+#   "contiguous"  row-major;
+#   "transposed"  dense but not contiguous (a 2-D tensor built transposed);
+#   "strided"     not dense: every other element of a buffer twice as wide; the
+#                 gaps hold NaN for gradients (a kernel that reads them poisons
+#                 the result) and PARAM_GAP_FILL for parameters (a kernel that
+#                 writes them is caught by comparing the buffer).
+LAYOUTS = ("contiguous", "transposed", "strided")
+PARAM_GAP_FILL = 1024.0  # exact in every float dtype, far from N(0, 1) values
+
+# The CPU driver hands at most one chunk of >= kCpuMinElementsPerThread
+# (csrc/rules/common.h) elements to each thread; chunks start and end inside
+# tensors.
+CPU_MIN_ELEMENTS_PER_THREAD = 16384
+
+
+@dataclass(frozen=True)
+class ShapeCase:
+    """A list of parameter shapes with the layout of the params and grads."""
+
+    id: str
+    shapes: tuple[tuple[int, ...], ...]
+    param_layout: str = "contiguous"
+    grad_layout: str = "contiguous"
+
+    @property
+    def numel(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _many_small_shapes(count: int = 523) -> tuple[tuple[int, ...], ...]:
+    """``count`` small tensors of varied sizes (1..61 elements, some 2-D):
+    more than one CUDA launch holds and more than a few SIMD tails."""
+    shapes = []
+    for i in range(count):
+        n = 1 + (i * 37) % 61
+        shapes.append((n,) if i % 3 else (1 + i % 5, n))
+    return tuple(shapes)
+
+
+_CHUNK = CPU_MIN_ELEMENTS_PER_THREAD
+SHAPES: list[ShapeCase] = [
+    ShapeCase("empty", ((0,),)),
+    ShapeCase("one", ((1,),)),
+    ShapeCase("odd-7", ((7,),)),
+    ShapeCase("odd-33", ((33,),)),
+    ShapeCase("odd-1023", ((1023,),)),
+    ShapeCase("chunks-2x16384+17", ((2 * _CHUNK + 17,),)),
+    ShapeCase("chunks-70001", ((70001,),)),
+    # A list whose chunk boundaries fall inside tensors, with an empty tensor
+    # between non-empty ones.
+    ShapeCase("chunks-mixed-list", ((_CHUNK - 1,), (0,), (5,), (_CHUNK + 3, 1), (7, 3001))),
+    ShapeCase("2d-37x13", ((37, 13),)),
+    ShapeCase("param-transposed", ((37, 13), (5, 3)), param_layout="transposed"),
+    ShapeCase("param-strided", ((20, 20), (3, 7)), param_layout="strided"),
+    ShapeCase("grad-transposed", ((37, 13), (5, 3)), grad_layout="transposed"),
+    ShapeCase("grad-strided", ((37, 13), (1023,)), grad_layout="strided"),
+    ShapeCase("many-tensors", _many_small_shapes()),
+]
+
+SHAPE_IDS = [case.id for case in SHAPES]
+SHAPES_BY_ID = {case.id: case for case in SHAPES}
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+               torch.float16: "float16"}
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def with_layout(values: Tensor, layout: str, gap_fill: float = PARAM_GAP_FILL) -> Tensor:
+    """A new tensor equal to ``values`` with the given layout.
+
+    ``gap_fill`` is what the unused elements of a "strided" layout hold.
+    "transposed" needs a 2-D tensor.
+    """
+    if layout == "contiguous":
+        return values.clone(memory_format=torch.contiguous_format)
+    if layout == "transposed":
+        if values.dim() != 2:
+            raise ValueError(f"layout 'transposed' needs a 2-D tensor, got shape {tuple(values.shape)}")
+        return values.t().contiguous().t()
+    if layout == "strided":
+        wide_shape = (*values.shape[:-1], 2 * values.shape[-1]) if values.dim() else (2,)
+        buffer = torch.full(wide_shape, gap_fill, dtype=values.dtype)
+        view = buffer[..., ::2] if values.dim() else buffer[0]
+        view.copy_(values)
+        return view
+    raise ValueError(f"unknown layout {layout!r}, expected one of {LAYOUTS}")
+
+
+def random_values(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator,
+                  scale: float = 1.0) -> Tensor:
+    """Normal random values drawn in float32 and rounded to ``dtype``; never
+    exactly zero (a zero is replaced by ``scale``)."""
+    values = torch.randn(tuple(shape), generator=generator, dtype=torch.float32).mul_(scale).to(dtype)
+    return values.masked_fill_(values == 0, scale)
+
+
+def make_params(shape_case: ShapeCase, dtype: torch.dtype, seed: int) -> list[torch.nn.Parameter]:
+    """Leaf Parameters with the shapes and param layout of ``shape_case``,
+    random normal values (the same for the same seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shape_case.shapes:
+        values = random_values(shape, dtype, generator)
+        layout = shape_case.param_layout if len(shape) == 2 or shape_case.param_layout == "strided" \
+            else "contiguous"
+        params.append(torch.nn.Parameter(with_layout(values, layout)))
+    return params
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a gap-free block of memory (contiguous up to a
+    permutation of its dimensions)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def clone_params(params: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[torch.nn.Parameter]:
+    """Leaf copies of ``params`` with the same layout (dense layouts are kept;
+    a non-dense param is rebuilt as a non-dense view), optionally as ``dtype``."""
+    copies = []
+    for p in params:
+        target = dtype or p.dtype
+        if is_dense(p):
+            data = p.detach().to(target, copy=True)  # preserve_format keeps dense strides
+        else:
+            data = with_layout(p.detach().to(target), "strided")
+        copies.append(torch.nn.Parameter(data))
+    return copies
+
+
+class GradientFeed:
+    """Sets the same random gradients on several parameter lists, step after
+    step, from one seeded generator.
+
+    Gradients are normal random values (never zero) rounded to the dtype of
+    the first list's param (or to ``dtype``), so lists of a different dtype (a
+    float32 oracle of bfloat16 params) get exactly the values the
+    low-precision list gets.  ``layout``
+    is the gradient layout ("transposed" applies to 2-D params only).
+    """
+
+    def __init__(self, seed: int, layout: str = "contiguous", dtype: torch.dtype | None = None,
+                 scale: float = 1.0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.layout = layout
+        self.dtype = dtype
+        self.scale = scale
+
+    def set_grads(self, *param_lists: Sequence[Tensor]) -> list[Tensor]:
+        """Draws one gradient per param and sets it on the matching param of
+        every list (each list gets its own tensor).  Returns the values drawn."""
+        first = param_lists[0]
+        for other in param_lists[1:]:
+            assert [tuple(p.shape) for p in other] == [tuple(p.shape) for p in first]
+        # One draw for all params (a step of 500 small tensors stays cheap).
+        flat = random_values((sum(p.numel() for p in first),), torch.float32, self.generator, self.scale)
+        drawn, offset = [], 0
+        for i, p in enumerate(first):
+            values = flat[offset:offset + p.numel()].view(p.shape).to(self.dtype or p.dtype)
+            values = values.masked_fill(values == 0, self.scale)  # float16 underflow
+            offset += p.numel()
+            drawn.append(values)
+            layout = self.layout if (self.layout != "transposed" or p.dim() == 2) else "contiguous"
+            for params in param_lists:
+                q = params[i]
+                q.grad = with_layout(values.to(q.dtype), layout, gap_fill=float("nan"))
+        return drawn
+
+
+def run_steps(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], feed: GradientFeed,
+              steps: int, storage_dtype: torch.dtype | None = None) -> None:
+    """``steps`` optimizer steps, each on fresh gradients from ``feed``.
+
+    With ``storage_dtype``, params and state tensors (not ``step``) are
+    rounded to that dtype after every step: torch.optim run on float32 copies
+    this way computes each step in float32 and rounds once on store, which is
+    what fastopt does for float16 / bfloat16 tensors.
+    """
+    for _ in range(steps):
+        feed.set_grads(params)
+        optimizer.step()
+        if storage_dtype is not None:
+            round_through(optimizer, params, storage_dtype)
+
+
+@torch.no_grad()
+def round_through(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype) -> None:
+    """Rounds every param and state tensor (but the step counts) to ``dtype``, in place."""
+    for p in params:
+        p.copy_(p.to(dtype))
+        for key, value in optimizer.state.get(p, {}).items():
+            if key != "step" and isinstance(value, Tensor):
+                value.copy_(value.to(dtype))
+
+
+def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """Copies of every param and its state tensors, keyed "param" / state key."""
+    out = []
+    for p in params:
+        entry = {"param": p.detach().clone()}
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, Tensor):
+                entry[key] = value.detach().clone()
+        out.append(entry)
+    return out
+
+
+__all__ = [
+    "OptimizerCase", "OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "ShapeCase", "SHAPES",
+    "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
+    "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",
+    "GradientFeed", "run_steps", "round_through", "snapshot", "is_dense",
+    "PARAM_GAP_FILL",
+]
