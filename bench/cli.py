@@ -19,7 +19,7 @@ from .workloads import WORKLOADS
 DEFAULT_WORKLOADS = ("overhead", "4000x1000", "lora", "flat", "resnet50", "gpt2-124m", "gpt2-xl")
 DEFAULT_DTYPES = ("fp32", "bf16")
 DEFAULT_IMPLS = ("roofline", "fastopt-fused", "fastopt-reference", "torch-forloop", "torch-foreach",
-                 "torch-fused", "deepspeed")
+                 "torch-fused", "deepspeed", "apex")
 QUICK = {
     "workloads": ("4000x1000",),
     "optimizers": ("adam", "sgd-momentum"),
@@ -187,5 +187,5 @@ def method_text(config: runner.Config, llc_bytes: int) -> list[str]:
         "from torch.profiler's allocator events on CPU (torch.cuda peak stats on CUDA); memory that "
         "bypasses torch's allocator is not counted, so it is a lower bound.",
         "speedup_vs_torch compares with the fastest of torch-forloop / torch-foreach / torch-fused that ran "
-        "for the same workload, dtype and option set; DeepSpeed is not part of that baseline.",
+        "for the same workload, dtype and option set; DeepSpeed and Apex are not part of that baseline.",
     ]

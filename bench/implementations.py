@@ -18,7 +18,7 @@ Step = Callable[[], object]
 
 FASTOPT_IMPLS = ("fastopt-fused", "fastopt-reference")
 TORCH_IMPLS = ("torch-forloop", "torch-foreach", "torch-fused")
-IMPLS = FASTOPT_IMPLS + TORCH_IMPLS + ("deepspeed", "roofline")
+IMPLS = FASTOPT_IMPLS + TORCH_IMPLS + ("deepspeed", "apex", "roofline")
 # Implementations that need the compiled fastopt extension.
 NEEDS_EXTENSION = ("fastopt-fused", "roofline")
 
@@ -67,6 +67,31 @@ def _deepspeed(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     return optimizer.step
 
 
+def _apex(spec: OptimizerSpec, params: list[Tensor]) -> Step:
+    """Apex's fused CUDA optimizers (FusedAdam, FusedSGD, FusedAdagrad)."""
+    if params[0].device.type != "cuda":
+        raise Unsupported("Apex's fused optimizers run on CUDA tensors only")
+    try:
+        from apex import optimizers as apex_optimizers
+    except Exception as error:  # not installed, or built without its CUDA extensions
+        raise Unsupported(f"apex is not importable ({type(error).__name__})") from None
+    options = dict(spec.options)
+    if spec.cls in ("Adam", "AdamW"):
+        optimizer = apex_optimizers.FusedAdam(params, lr=options["lr"],
+                                              weight_decay=options.get("weight_decay", 0.0),
+                                              amsgrad=options.get("amsgrad", False),
+                                              adam_w_mode=spec.cls == "AdamW")
+    elif spec.cls == "SGD":
+        optimizer = apex_optimizers.FusedSGD(params, lr=options["lr"],
+                                             momentum=options.get("momentum", 0.0),
+                                             nesterov=options.get("nesterov", False))
+    elif spec.cls == "Adagrad":
+        optimizer = apex_optimizers.FusedAdagrad(params, lr=options["lr"])
+    else:
+        raise Unsupported(f"Apex has no fused optimizer for {spec.label}")
+    return optimizer.step
+
+
 def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     """torch.ops.fastopt.roofline_bound_ over the same params and grads with K
     fresh slots per param (K = the optimizer's state tensors per param), bound
@@ -84,6 +109,7 @@ BUILDERS: dict[str, Callable[[OptimizerSpec, list[Tensor]], Step]] = {
     "torch-foreach": _torch(foreach=True),
     "torch-fused": _torch(fused=True),
     "deepspeed": _deepspeed,
+    "apex": _apex,
     "roofline": _roofline,
 }
 
