@@ -11,8 +11,9 @@
 // device dispatch stay in one place.  fastopt/reference.py mirrors this.
 // The call goes below the autograd keys: the boxed autograd fallback would
 // box and unbox every tensor again (the cost this file exists to avoid);
-// the version counters of written tensors are bumped here instead, as
-// torch's in-place ops do.
+// the params' version counters are bumped here instead, as torch's in-place
+// ops do.
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/variable.h>
@@ -44,6 +45,9 @@ struct BoundTensors : torch::CustomClassHolder {
 
 using Bound = c10::intrusive_ptr<BoundTensors>;
 
+// Params per task when reading grads in parallel (see StepTensors).
+constexpr int64_t kParamsPerTask = 256;
+
 // The tensors of one step: the bound lists restricted to params that have a
 // grad.  When every param has one (the usual case) the lists are the bound
 // ones, not copies.
@@ -51,23 +55,26 @@ class StepTensors {
  public:
   explicit StepTensors(const BoundTensors& bound) {
     const size_t n = bound.params.size();
-    grads_.reserve(n);
-    std::vector<size_t> with_grad;
-    with_grad.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& grad = bound.params[i].grad();
-      if (grad.defined()) {
-        grads_.push_back(grad);
-        with_grad.push_back(i);
-      }
-    }
+    // Reading .grad touches every param's metadata (a cache miss each for
+    // many small params), so threads share it.
+    grads_.resize(n);
+    at::parallel_for(0, int64_t(n), kParamsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) grads_[i] = bound.params[i].grad();
+    });
     num_slots_ = n == 0 ? 0 : bound.slots.size() / n;
+    std::vector<size_t> with_grad;
+    for (size_t i = 0; i < n; ++i) {
+      if (grads_[i].defined()) with_grad.push_back(i);
+    }
     if (with_grad.size() == n) {
       params_ = bound.params;
       slots_ = bound.slots;
       steps_ = bound.steps;
       return;
     }
+    std::vector<at::Tensor> grads;
+    for (size_t i : with_grad) grads.push_back(std::move(grads_[i]));
+    grads_ = std::move(grads);
     // Copies of the handles (not the data) of the params that have a grad.
     std::vector<at::Tensor> params, slots, steps;
     for (size_t i : with_grad) {
@@ -87,11 +94,12 @@ class StepTensors {
 
   bool empty() const { return params_.empty(); }
 
-  // Marks params, state slots and steps as modified in place (after a step).
-  void bump_versions() const {
-    for (const auto* list : {&params_, &slots_, &steps_}) {
-      for (const at::Tensor& t : *list) torch::autograd::impl::bump_version(t);
-    }
+  // Marks the params as modified in place (after a step), so autograd
+  // rejects a backward through a graph that saved their old values.  State
+  // tensors are never part of a graph; skipping them saves a cache miss per
+  // tensor on the version counters.
+  void bump_param_versions() const {
+    for (const at::Tensor& p : params_) torch::autograd::impl::bump_version(p);
   }
   at::TensorList params() const { return params_; }
   at::TensorList grads() const { return grads_; }
@@ -124,7 +132,7 @@ void adam_bound(const Bound& bound, double lr, double beta1, double beta2, doubl
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
           eps, weight_decay, decoupled_weight_decay, amsgrad, maximize);
-  t.bump_versions();
+  t.bump_param_versions();
 }
 
 void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
@@ -136,7 +144,7 @@ void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), lr, momentum, dampening, weight_decay, nesterov,
           maximize, first_momentum_step);
-  t.bump_versions();
+  t.bump_param_versions();
 }
 
 void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, double weight_decay,
@@ -150,7 +158,7 @@ void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, doub
   const size_t momentum_slot = centered ? 2 : 1;
   op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
           t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize);
-  t.bump_versions();
+  t.bump_param_versions();
 }
 
 void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight_decay,
@@ -161,7 +169,7 @@ void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize);
-  t.bump_versions();
+  t.bump_param_versions();
 }
 
 void roofline_bound(const Bound& bound) {
@@ -170,7 +178,7 @@ void roofline_bound(const Bound& bound) {
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slots());
-  t.bump_versions();
+  t.bump_param_versions();
 }
 
 }  // namespace

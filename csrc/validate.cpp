@@ -29,9 +29,9 @@ void check_like_param(const char* op, const char* list, size_t i, const at::Tens
 
 }  // namespace
 
-void check_optimizer_lists(const char* op, at::TensorList params, at::TensorList grads,
-                           const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                           bool counts_steps, c10::DeviceType device_type) {
+void check_list_lengths(const char* op, at::TensorList params, at::TensorList grads,
+                        const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+                        bool counts_steps) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
   for (const auto& slot : slots) {
@@ -42,28 +42,31 @@ void check_optimizer_lists(const char* op, at::TensorList params, at::TensorList
     TORCH_CHECK(state_steps.size() == n, op, ": got ", n, " params but ", state_steps.size(),
                 " state_steps");
   }
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
-    TORCH_CHECK(p.device().type() == device_type, op, ": params[", i, "] is on ", p.device(),
-                ", expected a ", device_type, " tensor");
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] has layout ", p.layout(),
-                "; fastopt supports dense (strided) tensors only");
-    TORCH_CHECK(supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
-                p.scalar_type(), "; supported: float32, float64, float16, bfloat16");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] has dtype ",
-                p.scalar_type(), " but params[0] has dtype ", params[0].scalar_type(),
-                "; one call takes tensors of one dtype");
-    check_like_param(op, "grads", i, grads[i], p);
-    for (const auto& slot : slots) check_like_param(op, slot.name, i, slot.tensors[i], p);
-    if (counts_steps) {
-      const at::Tensor& step = state_steps[i];
-      TORCH_CHECK(step.defined() && step.numel() == 1 &&
-                      (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
-                  op, ": state_steps[", i, "] must be a one-element float32 or float64 tensor");
-      TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
-                  "] is on ", step.device(), " but params[", i, "] is on ", p.device());
-    }
+}
+
+void check_tensors_at(const char* op, size_t i, at::TensorList params, at::TensorList grads,
+                      const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+                      bool counts_steps, c10::DeviceType device_type) {
+  const at::Tensor& p = params[i];
+  TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+  TORCH_CHECK(p.device().type() == device_type, op, ": params[", i, "] is on ", p.device(),
+              ", expected a ", device_type, " tensor");
+  TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] has layout ", p.layout(),
+              "; fastopt supports dense (strided) tensors only");
+  TORCH_CHECK(supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
+              p.scalar_type(), "; supported: float32, float64, float16, bfloat16");
+  TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] has dtype ",
+              p.scalar_type(), " but params[0] has dtype ", params[0].scalar_type(),
+              "; one call takes tensors of one dtype");
+  check_like_param(op, "grads", i, grads[i], p);
+  for (const auto& slot : slots) check_like_param(op, slot.name, i, slot.tensors[i], p);
+  if (counts_steps) {
+    const at::Tensor& step = state_steps[i];
+    TORCH_CHECK(step.defined() && step.numel() == 1 &&
+                    (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+                op, ": state_steps[", i, "] must be a one-element float32 or float64 tensor");
+    TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
+                "] is on ", step.device(), " but params[", i, "] is on ", p.device());
   }
 }
 

@@ -17,10 +17,17 @@ struct NamedTensorList {
 };
 
 // Checks that grads, every slot list and (when counting steps) state_steps
-// hold one tensor per param, on the params' device, with the param's dtype
-// and shape (steps: one float element); throws naming the list and index.
-void check_optimizer_lists(const char* op, at::TensorList params, at::TensorList grads,
-                           const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                           bool counts_steps, c10::DeviceType device_type);
+// hold one tensor per param; throws naming the list.
+void check_list_lengths(const char* op, at::TensorList params, at::TensorList grads,
+                        const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+                        bool counts_steps);
+
+// Checks the tensors at index i: the param is a supported dense tensor of
+// params[0]'s dtype on device_type, and its grad and slot tensors have its
+// device, dtype and shape (its step: one float element); throws naming the
+// list and index.  Independent per index, so callers may check in parallel.
+void check_tensors_at(const char* op, size_t i, at::TensorList params, at::TensorList grads,
+                      const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+                      bool counts_steps, c10::DeviceType device_type);
 
 }  // namespace fastopt

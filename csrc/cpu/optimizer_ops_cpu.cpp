@@ -65,6 +65,11 @@ double increment_step(const at::Tensor& step) {
   return *step.data_ptr<float>() += 1.0f;
 }
 
+// Params per task of the parallel check-and-layout pass: enough to amortize
+// a task, few enough that 2+ threads share the ~100 ns cache misses on each
+// tensor's metadata that dominate this pass for many small tensors.
+constexpr int64_t kParamsPerLayoutTask = 256;
+
 template <class Rule>
 void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
                 const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
@@ -72,9 +77,11 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
   constexpr int kSlots = Rule::kNumSlots;
   TORCH_CHECK(slots.size() == size_t(kSlots), op, ": internal error, expected ", kSlots,
               " state lists");
-  check_optimizer_lists(op, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
+  check_list_lengths(op, params, grads, slots, state_steps, Rule::kCountsSteps);
   const size_t n = params.size();
   if (n == 0) return;
+  // params[0] picks the dtype to dispatch on: check it before dispatching.
+  check_tensors_at(op, 0, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastopt_cpu_step", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -84,9 +91,29 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
     task.offsets.resize(n + 1);
     task.offsets[0] = 0;
 
-    // Lay out the streams.  The tensors of one param are walked directly when
-    // they share the param's strides and the param is dense; otherwise all of
-    // them go through contiguous copies (written back after the kernel).
+    // Check every tensor and lay out the streams, in parallel over params.
+    // The tensors of one param are walked in place when they share the
+    // param's strides and the param is dense; the others are staged below.
+    std::vector<char> staged_param(n, 0);
+    at::parallel_for(0, int64_t(n), kParamsPerLayoutTask, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        check_tensors_at(op, i, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
+        const at::Tensor& p = params[i];
+        bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
+        for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
+        auto& t = task.tensors[i];
+        t.numel = p.numel();
+        if (!direct) {
+          staged_param[i] = 1;
+          continue;
+        }
+        t.param = static_cast<scalar_t*>(p.data_ptr());
+        t.grad = static_cast<const scalar_t*>(grads[i].const_data_ptr());
+        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<scalar_t*>(slots[k].tensors[i].data_ptr());
+      }
+    });
+
+    // The rest go through contiguous copies, written back after the kernel.
     std::vector<at::Tensor> staged;  // keeps the copies alive through the kernel
     std::vector<WriteBack> write_backs;
     auto staged_ptr = [&](const at::Tensor& t, bool written) -> scalar_t* {
@@ -96,30 +123,27 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
       return static_cast<scalar_t*>(copy.data_ptr());
     };
     for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& p = params[i];
-      bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
-      for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
-      auto& t = task.tensors[i];
-      t.param = direct ? static_cast<scalar_t*>(p.data_ptr()) : staged_ptr(p, true);
-      t.grad = direct ? static_cast<const scalar_t*>(grads[i].const_data_ptr())
-                      : staged_ptr(grads[i], false);
-      for (int k = 0; k < kSlots; ++k) {
-        const at::Tensor& slot = slots[k].tensors[i];
-        t.slot[k] = direct ? static_cast<scalar_t*>(slot.data_ptr()) : staged_ptr(slot, true);
+      if (staged_param[i]) {
+        auto& t = task.tensors[i];
+        t.param = staged_ptr(params[i], true);
+        t.grad = staged_ptr(grads[i], false);
+        for (int k = 0; k < kSlots; ++k) t.slot[k] = staged_ptr(slots[k].tensors[i], true);
       }
-      t.numel = p.numel();
-      task.offsets[i + 1] = task.offsets[i] + t.numel;
+      task.offsets[i + 1] = task.offsets[i] + task.tensors[i].numel;
     }
 
     // Nothing has been written so far; from here on the step happens.
-    double last_step = -1.0;
+    std::vector<double> steps(n, 0.0);
+    if (Rule::kCountsSteps) {
+      at::parallel_for(0, int64_t(n), kParamsPerLayoutTask, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) steps[i] = increment_step(state_steps[i]);
+      });
+    }
+    // Tensors of one group almost always share their step count, so the
+    // scalars are derived once per distinct run of counts.
     for (size_t i = 0; i < n; ++i) {
-      // Tensors of one group almost always share their step count, so the
-      // scalars are derived once per distinct run of counts.
-      const double step = Rule::kCountsSteps ? increment_step(state_steps[i]) : 0.0;
-      if (task.scalars.empty() || step != last_step) {
-        task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, step));
-        last_step = step;
+      if (i == 0 || steps[i] != steps[i - 1]) {
+        task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, steps[i]));
       }
       task.tensors[i].scalars_index = int64_t(task.scalars.size()) - 1;
     }
