@@ -6,6 +6,7 @@ csrc/optimizer_ops.cpp).  When it cannot be loaded, fastopt runs every step on
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -16,7 +17,7 @@ import torch
 from . import reference
 
 try:
-    from . import _C  # noqa: F401  (importing registers torch.ops.fastopt)
+    importlib.import_module(f"{__package__}._C")  # registers torch.ops.fastopt
 
     _LOAD_ERROR: str | None = None
 except Exception as error:  # any failure to load means: use the reference
