@@ -23,6 +23,8 @@
 #include <utility>
 #include <vector>
 
+#include "rules/common.h"
+
 namespace fastopt {
 namespace {
 
@@ -45,8 +47,6 @@ struct BoundTensors : torch::CustomClassHolder {
 
 using Bound = c10::intrusive_ptr<BoundTensors>;
 
-// Params per task when reading grads in parallel (see StepTensors).
-constexpr int64_t kParamsPerTask = 256;
 
 // The tensors of one step: the bound lists restricted to params that have a
 // grad.  When every param has one (the usual case) the lists are the bound
@@ -58,7 +58,7 @@ class StepTensors {
     // Reading .grad touches every param's metadata (a cache miss each for
     // many small params), so threads share it.
     grads_.resize(n);
-    at::parallel_for(0, int64_t(n), kParamsPerTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) grads_[i] = bound.params[i].grad();
     });
     num_slots_ = n == 0 ? 0 : bound.slots.size() / n;

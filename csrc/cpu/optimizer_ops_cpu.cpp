@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -65,11 +64,6 @@ double increment_step(const at::Tensor& step) {
   return *step.data_ptr<float>() += 1.0f;
 }
 
-// Params per task of the parallel check-and-layout pass: enough to amortize
-// a task, few enough that 2+ threads share the ~100 ns cache misses on each
-// tensor's metadata that dominate this pass for many small tensors.
-constexpr int64_t kParamsPerLayoutTask = 256;
-
 template <class Rule>
 void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
                 const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
@@ -95,7 +89,7 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
     // The tensors of one param are walked in place when they share the
     // param's strides and the param is dense; the others are staged below.
     std::vector<char> staged_param(n, 0);
-    at::parallel_for(0, int64_t(n), kParamsPerLayoutTask, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         check_tensors_at(op, i, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
         const at::Tensor& p = params[i];
@@ -135,7 +129,7 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
     // Nothing has been written so far; from here on the step happens.
     std::vector<double> steps(n, 0.0);
     if (Rule::kCountsSteps) {
-      at::parallel_for(0, int64_t(n), kParamsPerLayoutTask, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) steps[i] = increment_step(state_steps[i]);
       });
     }
