@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "rules/common.h"
+#include "step_args.h"
 
 namespace fastopt {
 namespace {
@@ -122,53 +123,63 @@ c10::TypedOperatorHandle<Signature> list_op(const char* name) {
 }
 
 using TL = at::TensorList;
+using OT = std::optional<at::Tensor>;
 
 void adam_bound(const Bound& bound, double lr, double beta1, double beta2, double eps,
-                double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+                double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                const OT& lr_tensor, const OT& grad_scale, const OT& found_inf) {
   static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
-                                bool, bool, bool)>("fastopt::adam_");
+                                bool, bool, bool, const OT&, const OT&, const OT&)>(
+      "fastopt::adam_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
-          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize);
+          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor, grad_scale,
+          found_inf);
   t.bump_param_versions();
 }
 
 void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
-               double weight_decay, bool nesterov, bool maximize, bool first_momentum_step) {
-  static auto op =
-      list_op<void(TL, TL, TL, double, double, double, double, bool, bool, bool)>("fastopt::sgd_");
+               double weight_decay, bool nesterov, bool maximize, bool first_momentum_step,
+               const OT& lr_tensor, const OT& grad_scale, const OT& found_inf) {
+  static auto op = list_op<void(TL, TL, TL, double, double, double, double, bool, bool, bool,
+                                const OT&, const OT&, const OT&)>("fastopt::sgd_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), lr, momentum, dampening, weight_decay, nesterov,
-          maximize, first_momentum_step);
+          maximize, first_momentum_step, lr_tensor, grad_scale, found_inf);
   t.bump_param_versions();
 }
 
 void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, double weight_decay,
-                   double momentum, bool centered, bool maximize) {
+                   double momentum, bool centered, bool maximize, const OT& lr_tensor,
+                   const OT& grad_scale, const OT& found_inf) {
   static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
-                                bool, bool)>("fastopt::rmsprop_");
+                                bool, bool, const OT&, const OT&, const OT&)>(
+      "fastopt::rmsprop_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   // Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
   const size_t momentum_slot = centered ? 2 : 1;
   op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
-          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize);
+          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize, lr_tensor,
+          grad_scale, found_inf);
   t.bump_param_versions();
 }
 
 void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight_decay,
-                   double eps, bool maximize) {
-  static auto op =
-      list_op<void(TL, TL, TL, TL, double, double, double, double, bool)>("fastopt::adagrad_");
+                   double eps, bool maximize, const OT& lr_tensor, const OT& grad_scale,
+                   const OT& found_inf) {
+  static auto op = list_op<void(TL, TL, TL, TL, double, double, double, double, bool, const OT&,
+                                const OT&, const OT&)>("fastopt::adagrad_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize);
+  op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize,
+          lr_tensor, grad_scale, found_inf);
   t.bump_param_versions();
 }
 
@@ -189,21 +200,21 @@ TORCH_LIBRARY_FRAGMENT(fastopt, m) {
   m.def(
       "adam_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
-      "bool maximize) -> ()",
+      "bool maximize, " FASTOPT_STEP_ARGS ") -> ()",
       &adam_bound);
   m.def(
       "sgd_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_momentum_step) -> ()",
+      "bool first_momentum_step, " FASTOPT_STEP_ARGS ") -> ()",
       &sgd_bound);
   m.def(
       "rmsprop_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
       "float alpha, float eps, float weight_decay, float momentum, bool centered, "
-      "bool maximize) -> ()",
+      "bool maximize, " FASTOPT_STEP_ARGS ") -> ()",
       &rmsprop_bound);
   m.def(
       "adagrad_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
-      "float lr_decay, float weight_decay, float eps, bool maximize) -> ()",
+      "float lr_decay, float weight_decay, float eps, bool maximize, " FASTOPT_STEP_ARGS ") -> ()",
       &adagrad_bound);
   // The roofline through the same per-step path as the optimizers (bench/).
   m.def("roofline_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> ()",

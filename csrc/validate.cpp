@@ -5,6 +5,8 @@
 // call first and only then increments steps and runs the kernel.
 #include "validate.h"
 
+#include <utility>
+
 #include <c10/util/Exception.h>
 
 namespace fastopt {
@@ -67,6 +69,17 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
                 op, ": state_steps[", i, "] must be a one-element float32 or float64 tensor");
     TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
                 "] is on ", step.device(), " but params[", i, "] is on ", p.device());
+  }
+}
+
+void check_step_args(const char* op, const StepArgs& args) {
+  const std::pair<const char*, const std::optional<at::Tensor>*> named[] = {
+      {"lr_tensor", &args.lr_tensor}, {"grad_scale", &args.grad_scale}, {"found_inf", &args.found_inf}};
+  for (const auto& [name, tensor] : named) {
+    if (!tensor->has_value()) continue;
+    const at::Tensor& t = **tensor;
+    TORCH_CHECK(t.defined() && t.numel() == 1 && at::isFloatingType(t.scalar_type()), op, ": ",
+                name, " must be a one-element floating-point tensor");
   }
 }
 

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "step_args.h"
+
 namespace fastopt {
 
 // A named list of state tensors ("exp_avgs", ...), one per param.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, _scalar
+from .optimizer import FusedOptimizer
 
 
 class Adagrad(FusedOptimizer):
@@ -65,8 +65,8 @@ class Adagrad(FusedOptimizer):
             state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
                                            memory_format=torch.preserve_format)
 
-    def _run(self, group, bucket):
+    def _run(self, group, bucket, step_args):
         bucket.kernels.adagrad_bound_(
-            bucket.bound, lr=_scalar(group["lr"]), lr_decay=group["lr_decay"],
+            bucket.bound, **step_args, lr_decay=group["lr_decay"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         )

@@ -84,10 +84,10 @@ class Adam(FusedOptimizer):
             if name not in state:
                 state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _run(self, group, bucket):
+    def _run(self, group, bucket, step_args):
         beta1, beta2 = group["betas"]
         bucket.kernels.adam_bound_(
-            bucket.bound, lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2), eps=group["eps"],
+            bucket.bound, **step_args, beta1=_scalar(beta1), beta2=_scalar(beta2), eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
             maximize=group["maximize"],

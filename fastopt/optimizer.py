@@ -34,6 +34,7 @@ class _Bucket:
     call per step."""
 
     kernels: Any  # fastopt.reference or the compiled ops (fastopt._extension)
+    device: torch.device
     fresh: bool  # holds params whose state was created this step
     bound: Any  # kernels.BoundTensors(params, slot-major state slots, steps)
 
@@ -52,14 +53,29 @@ def _scalar(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
+def _to(tensor: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
+
+
+def _step_device(param: Tensor) -> torch.device:
+    """Where a param's step count lives: on its accelerator, so kernels there
+    read it without a host sync (as torch's fused and capturable optimizers
+    keep it), else on the CPU."""
+    return torch.device("cpu") if param.device.type == "cpu" else param.device
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class of fastopt optimizers (see Note [Step plans]).
 
     Subclasses define ``_counts_steps``, ``_slot_names(group)``,
-    ``_init_slots(group, param, state)`` and ``_run(group, bucket)``.
+    ``_init_slots(group, param, state)`` and ``_run(group, bucket, step_args)``.
     """
 
     _counts_steps: bool = True
+    # torch.amp.GradScaler.step sets ``grad_scale`` and ``found_inf`` on
+    # optimizers that advertise this; the kernels unscale the grads in
+    # registers and skip the whole step when found_inf is nonzero.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None) -> None:
         if defaults.get("differentiable"):
@@ -83,8 +99,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Creates the missing slots of ``state`` for ``param``."""
         raise NotImplementedError
 
-    def _run(self, group: dict[str, Any], bucket: _Bucket) -> None:
-        """Calls the bucket's ``*_bound_`` op with the group's hyperparameters."""
+    def _run(self, group: dict[str, Any], bucket: _Bucket, step_args: dict[str, Any]) -> None:
+        """Calls the bucket's ``*_bound_`` op with the group's hyperparameters
+        and ``**step_args`` (lr and the per-step tensors, see ``_step_args``)."""
         raise NotImplementedError
 
     # -- torch.optim.Optimizer interface ----------------------------------------
@@ -132,10 +149,29 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for group, plan in zip(self.param_groups, plans):
             for bucket in plan.buckets:
-                self._run(group, bucket)
+                self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
         return loss
+
+    @staticmethod
+    def _step_args(group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None,
+                   found_inf: Tensor | None) -> dict[str, Any]:
+        """The lr and the per-step tensors of one op call (Note [fastopt op
+        schemas]).  A tensor lr on the bucket's accelerator is read there by
+        the kernels (no host sync: capturable); any other lr as a number."""
+        lr = group["lr"]
+        lr_tensor = None
+        if isinstance(lr, Tensor) and lr.device.type != "cpu" and lr.device == bucket.device:
+            lr, lr_tensor = 0.0, lr
+        return {
+            "lr": _scalar(lr),
+            "lr_tensor": lr_tensor,
+            "grad_scale": _to(grad_scale, bucket.device),
+            "found_inf": _to(found_inf, bucket.device),
+        }
 
     # -- plans ---------------------------------------------------------------
     def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
@@ -175,8 +211,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if self._counts_steps and state.get("step") is None:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=_step_device(p))
                 self._init_slots(group, p, state)
+            if self._counts_steps and state["step"].device != _step_device(p):
+                # e.g. loaded from torch.optim, which keeps steps on the CPU
+                state["step"] = state["step"].to(_step_device(p), torch.float32)
             params, slots, steps = lists.setdefault(
                 (p.device, p.dtype, fresh), ([], [[] for _ in slot_names], [])
             )
@@ -189,7 +228,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for (device, _, fresh), (params, slots, steps) in lists.items():
             kernels = _extension.kernels_for(self._backend, device)
             flat_slots = [t for slot in slots for t in slot]
-            buckets.append(_Bucket(kernels, fresh, kernels.BoundTensors(params, flat_slots, steps)))
+            buckets.append(
+                _Bucket(kernels, device, fresh, kernels.BoundTensors(params, flat_slots, steps))
+            )
         single_use = any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use)
 

@@ -72,8 +72,28 @@ def _store(target: Tensor, value: Tensor) -> None:
         target.copy_(value)
 
 
-def _grad(grad: Tensor, maximize: bool) -> Tensor:
+def _check_step_args(op: str, lr_tensor: Tensor | None, grad_scale: Tensor | None,
+                     found_inf: Tensor | None) -> None:
+    """The checks of check_step_args in csrc/validate.cpp."""
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.numel() != 1 or not t.is_floating_point()):
+            raise RuntimeError(f"fastopt::{op}: {name} must be a one-element floating-point tensor")
+
+
+def _amp_skips(found_inf: Tensor | None) -> bool:
+    """AMP found an inf or NaN in the grads: the step changes nothing."""
+    return found_inf is not None and found_inf.item() != 0
+
+
+def _lr(lr: float, lr_tensor: Tensor | None) -> float:
+    return lr if lr_tensor is None else lr_tensor.item()
+
+
+def _grad(grad: Tensor, maximize: bool, grad_scale: Tensor | None) -> Tensor:
+    """The grad the rule sees: unscaled (AMP) and negated for maximize, in opmath."""
     grad = _opmath(grad)
+    if grad_scale is not None:
+        grad = grad / grad_scale.item()
     return -grad if maximize else grad
 
 
@@ -84,7 +104,8 @@ def _increment(step: Tensor) -> float:
 
 @torch.no_grad()
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
-          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize) -> None:
+          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor=None, grad_scale=None,
+          found_inf=None) -> None:
     """Adam / AdamW (csrc/rules/adam.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
@@ -95,12 +116,16 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
     _check_lists("adam_", params, grads, slots, state_steps)
+    _check_step_args("adam_", lr_tensor, grad_scale, found_inf)
+    if _amp_skips(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
     for i, param in enumerate(params):
         step = _increment(state_steps[i])
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         p, exp_avg, exp_avg_sq = _opmath(param), _opmath(exp_avgs[i]), _opmath(exp_avg_sqs[i])
-        g = _grad(grads[i], maximize)
+        g = _grad(grads[i], maximize, grad_scale)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p.mul_(1 - lr * weight_decay)
@@ -122,7 +147,7 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
 
 @torch.no_grad()
 def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-         first_momentum_step) -> None:
+         first_momentum_step, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
     """SGD (csrc/rules/sgd.h)::
 
         g = -g if maximize;  g += wd*p
@@ -133,9 +158,13 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
         raise RuntimeError("fastopt::sgd_: nesterov needs momentum > 0")
     slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
     _check_lists("sgd_", params, grads, slots, None)
+    _check_step_args("sgd_", lr_tensor, grad_scale, found_inf)
+    if _amp_skips(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
     for i, param in enumerate(params):
         p = _opmath(param)
-        g = _grad(grads[i], maximize)
+        g = _grad(grads[i], maximize, grad_scale)
         if weight_decay != 0:
             g = g + weight_decay * p
         direction = g
@@ -153,7 +182,8 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
 
 @torch.no_grad()
 def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
-             weight_decay, momentum, centered, maximize) -> None:
+             weight_decay, momentum, centered, maximize, lr_tensor=None, grad_scale=None,
+             found_inf=None) -> None:
     """RMSprop (csrc/rules/rmsprop.h)::
 
         g = -g if maximize;  g += wd*p;  s = alpha*s + (1 - alpha)*g*g
@@ -166,10 +196,14 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
     if momentum > 0:
         slots["momentum_buffers"] = momentum_buffers
     _check_lists("rmsprop_", params, grads, slots, state_steps)
+    _check_step_args("rmsprop_", lr_tensor, grad_scale, found_inf)
+    if _amp_skips(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
     for i, param in enumerate(params):
         _increment(state_steps[i])
         p, square_avg = _opmath(param), _opmath(square_avgs[i])
-        g = _grad(grads[i], maximize)
+        g = _grad(grads[i], maximize, grad_scale)
         if weight_decay != 0:
             g = g + weight_decay * p
         square_avg.mul_(alpha).add_(g * g, alpha=1 - alpha)
@@ -192,18 +226,23 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
 
 
 @torch.no_grad()
-def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, maximize) -> None:
+def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, maximize,
+             lr_tensor=None, grad_scale=None, found_inf=None) -> None:
     """Adagrad (csrc/rules/adagrad.h)::
 
         g = -g if maximize;  g += wd*p;  s += g*g
         p += -lr/(1 + (t - 1)*lr_decay) * g / (sqrt(s) + eps)
     """
     _check_lists("adagrad_", params, grads, {"state_sums": state_sums}, state_steps)
+    _check_step_args("adagrad_", lr_tensor, grad_scale, found_inf)
+    if _amp_skips(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
     for i, param in enumerate(params):
         step = _increment(state_steps[i])
         clr = lr / (1 + (step - 1) * lr_decay)
         p, state_sum = _opmath(param), _opmath(state_sums[i])
-        g = _grad(grads[i], maximize)
+        g = _grad(grads[i], maximize, grad_scale)
         if weight_decay != 0:
             g = g + weight_decay * p
         state_sum.add_(g * g)

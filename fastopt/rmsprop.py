@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, _scalar
+from .optimizer import FusedOptimizer
 
 
 class RMSprop(FusedOptimizer):
@@ -64,9 +64,9 @@ class RMSprop(FusedOptimizer):
             if state.get(name) is None:
                 state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _run(self, group, bucket):
+    def _run(self, group, bucket, step_args):
         bucket.kernels.rmsprop_bound_(
-            bucket.bound, lr=_scalar(group["lr"]),
+            bucket.bound, **step_args,
             alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
             momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
         )

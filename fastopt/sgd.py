@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, _scalar
+from .optimizer import FusedOptimizer
 
 
 class SGD(FusedOptimizer):
@@ -60,9 +60,9 @@ class SGD(FusedOptimizer):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
 
-    def _run(self, group, bucket):
+    def _run(self, group, bucket, step_args):
         bucket.kernels.sgd_bound_(
-            bucket.bound, lr=_scalar(group["lr"]),
+            bucket.bound, **step_args,
             momentum=group["momentum"], dampening=group["dampening"],
             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
             maximize=group["maximize"], first_momentum_step=bucket.fresh,

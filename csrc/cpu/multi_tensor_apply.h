@@ -70,12 +70,14 @@ struct Task {
   std::vector<int64_t> offsets;  // offsets[t] = elements before tensor t; size tensors + 1
   std::vector<typename Rule::template Scalars<opmath_t>> scalars;
   bool maximize = false;
+  opmath_t grad_scale = 1;  // AMP: grads are divided by it
 };
 
 template <class Rule, typename scalar_t>
 FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<scalar_t, Rule::kNumSlots>& t,
                                            const typename Rule::template Scalars<at::opmath_type<scalar_t>>& scalars,
-                                           bool maximize, int64_t begin, int64_t end) {
+                                           bool maximize, at::opmath_type<scalar_t> grad_scale,
+                                           int64_t begin, int64_t end) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kSlots = Rule::kNumSlots;
   // Local copies: the compiler cannot prove that stores through the tensor
@@ -90,7 +92,7 @@ FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<scalar_t, Rule::k
   const scalar_t* grad = streams.grad;
   FASTOPT_NO_ALIAS_LOOP
   for (int64_t i = begin; i < end; ++i) {
-    const opmath_t g = static_cast<opmath_t>(grad[i]) * grad_sign;
+    const opmath_t g = static_cast<opmath_t>(grad[i]) / grad_scale * grad_sign;
     opmath_t p = static_cast<opmath_t>(param[i]);
     opmath_t slot[kSlots > 0 ? kSlots : 1];
     for (int k = 0; k < kSlots; ++k) slot[k] = static_cast<opmath_t>(streams.slot[k][i]);
@@ -109,7 +111,7 @@ FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, scalar_t>& task, i
     const int64_t stop = std::min(end, off[t + 1]);
     const auto& tensor = task.tensors[t];
     update_elements<Rule, scalar_t>(tensor, task.scalars[tensor.scalars_index], task.maximize,
-                                    begin - off[t], stop - off[t]);
+                                    task.grad_scale, begin - off[t], stop - off[t]);
     begin = stop;
   }
 }

@@ -9,11 +9,7 @@
 #include <cstring>
 #include <utility>
 
-#include "../rules/adagrad.h"
-#include "../rules/adam.h"
-#include "../rules/rmsprop.h"
-#include "../rules/roofline.h"
-#include "../rules/sgd.h"
+#include "../rules/variants.h"
 #include "../validate.h"
 #include "multi_tensor_apply.h"
 
@@ -67,11 +63,12 @@ double increment_step(const at::Tensor& step) {
 template <class Rule>
 void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
                 const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                const typename Rule::Hyper& hyper, bool maximize) {
+                typename Rule::Hyper hyper, bool maximize, const StepArgs& step_args) {
   constexpr int kSlots = Rule::kNumSlots;
   TORCH_CHECK(slots.size() == size_t(kSlots), op, ": internal error, expected ", kSlots,
               " state lists");
   check_list_lengths(op, params, grads, slots, state_steps, Rule::kCountsSteps);
+  check_step_args(op, step_args);
   const size_t n = params.size();
   if (n == 0) return;
   // params[0] picks the dtype to dispatch on: check it before dispatching.
@@ -81,6 +78,8 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
     using opmath_t = at::opmath_type<scalar_t>;
     Task<Rule, scalar_t> task;
     task.maximize = maximize;
+    if (step_args.grad_scale) task.grad_scale = step_args.grad_scale->item<opmath_t>();
+    if (step_args.lr_tensor) hyper.lr = step_args.lr_tensor->item<double>();
     task.tensors.resize(n);
     task.offsets.resize(n + 1);
     task.offsets[0] = 0;
@@ -126,7 +125,9 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
       task.offsets[i + 1] = task.offsets[i] + task.tensors[i].numel;
     }
 
-    // Nothing has been written so far; from here on the step happens.
+    // Nothing has been written so far; from here on the step happens,
+    // unless AMP found an inf or NaN in the grads.
+    if (step_args.found_inf && step_args.found_inf->item<double>() != 0) return;
     std::vector<double> steps(n, 0.0);
     if (Rule::kCountsSteps) {
       at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
@@ -146,72 +147,60 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
   });
 }
 
-// Calls fn with std::integral_constant<bool, value>, so runtime flags select
-// a compile-time rule variant.
-template <class Fn>
-void with_bool(bool value, Fn&& fn) {
-  if (value) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
               at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
-              double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+              double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+              const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
   const rules::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay};
   std::vector<NamedTensorList> slots{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) slots.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
-  with_bool(decoupled_weight_decay, [&](auto decoupled) {
-    with_bool(amsgrad, [&](auto ams) {
-      constexpr auto mode = decoupled ? rules::WeightDecay::kDecoupled : rules::WeightDecay::kL2;
-      apply_rule<rules::Adam<mode, ams>>("fastopt::adam_", params, grads, slots, state_steps,
-                                          hyper, maximize);
-    });
+  rules::with_adam(decoupled_weight_decay, amsgrad, [&](auto rule) {
+    apply_rule<decltype(rule)>("fastopt::adam_", params, grads, slots, state_steps, hyper,
+                               maximize, {lr_tensor, grad_scale, found_inf});
   });
 }
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-             bool maximize, bool first_momentum_step) {
+             bool maximize, bool first_momentum_step, const std::optional<at::Tensor>& lr_tensor,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(!nesterov || momentum > 0, "fastopt::sgd_: nesterov needs momentum > 0");
   const rules::SgdHyper hyper{lr, momentum, dampening, weight_decay, first_momentum_step};
   std::vector<NamedTensorList> slots;
   if (momentum != 0) slots.push_back({"momentum_buffers", momentum_buffers});
-  with_bool(momentum != 0, [&](auto has_momentum) {
-    with_bool(nesterov, [&](auto use_nesterov) {
-      if constexpr (has_momentum || !use_nesterov) {
-        apply_rule<rules::Sgd<has_momentum, use_nesterov>>("fastopt::sgd_", params, grads, slots,
-                                                           {}, hyper, maximize);
-      }
-    });
+  rules::with_sgd(momentum != 0, nesterov, [&](auto rule) {
+    apply_rule<decltype(rule)>("fastopt::sgd_", params, grads, slots, {}, hyper, maximize,
+                               {lr_tensor, grad_scale, found_inf});
   });
 }
 
 void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                  at::TensorList grad_avgs, at::TensorList momentum_buffers,
                  at::TensorList state_steps, double lr, double alpha, double eps,
-                 double weight_decay, double momentum, bool centered, bool maximize) {
+                 double weight_decay, double momentum, bool centered, bool maximize,
+                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
   const rules::RmspropHyper hyper{lr, alpha, eps, weight_decay, momentum};
   std::vector<NamedTensorList> slots{{"square_avgs", square_avgs}};
   if (centered) slots.push_back({"grad_avgs", grad_avgs});
   if (momentum > 0) slots.push_back({"momentum_buffers", momentum_buffers});
-  with_bool(centered, [&](auto is_centered) {
-    with_bool(momentum > 0, [&](auto has_momentum) {
-      apply_rule<rules::Rmsprop<is_centered, has_momentum>>("fastopt::rmsprop_", params, grads,
-                                                            slots, state_steps, hyper, maximize);
-    });
+  rules::with_rmsprop(centered, momentum > 0, [&](auto rule) {
+    apply_rule<decltype(rule)>("fastopt::rmsprop_", params, grads, slots, state_steps, hyper,
+                               maximize, {lr_tensor, grad_scale, found_inf});
   });
 }
 
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
-                 double eps, bool maximize) {
+                 double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const rules::AdagradHyper hyper{lr, lr_decay, weight_decay, eps};
-  apply_rule<rules::Adagrad>("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}},
-                             state_steps, hyper, maximize);
+  rules::with_adagrad([&](auto rule) {
+    apply_rule<decltype(rule)>("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}},
+                               state_steps, hyper, maximize, {lr_tensor, grad_scale, found_inf});
+  });
 }
 
 void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList slots) {
@@ -219,19 +208,13 @@ void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList sl
   TORCH_CHECK(n == 0 || slots.size() % n == 0, "fastopt::roofline_: slots must hold a whole "
               "number of lists of ", n, " tensors, got ", slots.size());
   const size_t num_slots = n == 0 ? 0 : slots.size() / n;
-  TORCH_CHECK(num_slots <= 3, "fastopt::roofline_: at most 3 state slots, got ", num_slots);
+  TORCH_CHECK(num_slots <= size_t(kMaxSlots), "fastopt::roofline_: at most ", kMaxSlots,
+              " state slots, got ", num_slots);
   std::vector<NamedTensorList> slot_lists;
   for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
-  auto run_with = [&](auto slot_count) {
-    apply_rule<rules::Roofline<decltype(slot_count)::value>>("fastopt::roofline_", params, grads,
-                                                             slot_lists, {}, {}, false);
-  };
-  switch (num_slots) {
-    case 0: run_with(std::integral_constant<int, 0>{}); break;
-    case 1: run_with(std::integral_constant<int, 1>{}); break;
-    case 2: run_with(std::integral_constant<int, 2>{}); break;
-    default: run_with(std::integral_constant<int, 3>{}); break;
-  }
+  rules::with_roofline(int(num_slots), [&](auto rule) {
+    apply_rule<decltype(rule)>("fastopt::roofline_", params, grads, slot_lists, {}, {}, false, {});
+  });
 }
 
 std::string cpu_capability() { return isa_name(active_isa()); }

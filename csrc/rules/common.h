@@ -12,6 +12,10 @@
 
 namespace fastopt {
 
+// Most state tensors a rule keeps per param (Adam with amsgrad: exp_avg,
+// exp_avg_sq, max_exp_avg_sq); drivers size their per-tensor records by it.
+constexpr int kMaxSlots = 3;
+
 // Smallest number of elements worth handing to another CPU thread: below
 // about 16K elements (~450 KB of Adam streams) waking a pool thread costs more
 // than streaming the elements on the calling thread.

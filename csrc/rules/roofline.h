@@ -8,7 +8,10 @@
 
 namespace fastopt::rules {
 
-struct RooflineHyper {};
+// Unused lr: every Hyper has one, which drivers may replace by a device value.
+struct RooflineHyper {
+  double lr = 0;
+};
 
 template <typename T>
 struct RooflineScalars {};
