@@ -15,17 +15,31 @@ add_param_group, and on the step after new state was created.  State created in 
 step, because some rules start differently (SGD's momentum buffer copies the
 first gradient).  Hand edits of ``optimizer.state`` that replace state
 tensors must be followed by ``optimizer.invalidate_plans()``.
+
+DTensor params (FSDP2's fully_shard, tensor parallel) get buckets of their
+own, still one fused call each: the ops must see the local shards, not the
+DTensors (each op on a DTensor would go through its Python dispatch).  Their
+state is created with zeros_like(param), so it is a DTensor as in torch.optim
+(distributed checkpoints and state_dicts see the same state).  The C++ bound op
+cannot be used for them: it reads ``.grad`` in C++, and a DTensor's grad is a
+DTensor whose local shard only Python can unwrap; FSDP2 may also swap a
+param's local tensor (lazy init pads uneven shards).  So such a bucket binds a
+``_LocalShards`` and runs the Python bound ops of fastopt.reference, which each
+step take the local shards of the params, their grads and their state and call
+the backend's list op (``torch.ops.fastopt.adam_`` or the reference's) once:
+O(params) Python work per step for DTensor buckets only.
 """
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from . import _extension
+from . import _extension, reference
 
 
 @dataclass
@@ -36,7 +50,9 @@ class _Bucket:
     kernels: Any  # fastopt.reference or the compiled ops (fastopt._extension)
     device: torch.device
     fresh: bool  # holds params whose state was created this step
-    bound: Any  # kernels.BoundTensors(params, slot-major state slots, steps)
+    # kernels.BoundTensors(params, slot-major state slots, steps), or for
+    # DTensor params a _LocalShards with the list ops (kernels is the reference)
+    bound: Any
 
 
 @dataclass
@@ -62,6 +78,45 @@ def _step_device(param: Tensor) -> torch.device:
     read it without a host sync (as torch's fused and capturable optimizers
     keep it), else on the CPU."""
     return torch.device("cpu") if param.device.type == "cpu" else param.device
+
+
+def _dtensor_type() -> type | None:
+    """torch's DTensor class, or None while torch.distributed.tensor is not
+    imported (then no DTensor exists, and importing it would take seconds)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (``to_local()`` without the view it makes
+    for Parameters), a plain tensor itself."""
+    dtensor = _dtensor_type()
+    return t._local_tensor if dtensor is not None and isinstance(t, dtensor) else t
+
+
+class _LocalShards(reference.BoundTensors):
+    """A bucket of DTensor params and their state, bound for the list ops
+    ``ops`` (the compiled ops or the reference): each step runs them on the
+    local shards (Note [Step plans])."""
+
+    def __init__(self, ops: Any, params: list[Tensor], slots: list[Tensor], steps: list[Tensor]):
+        super().__init__(params, slots, steps)
+        self.ops = ops
+
+    def step_tensors(self):
+        tensors = super().step_tensors()
+        if tensors is None:
+            return None
+        params, grads, slots, steps = tensors
+        # A grad laid out unlike its param (e.g. Partial) is redistributed, as
+        # torch.optim's ops on the DTensors would do implicitly.
+        grads = [g if g.placements == p.placements else g.redistribute(p.device_mesh, p.placements)
+                 for p, g in zip(params, grads)]
+        # The ops change the local shards in place; autograd checks the
+        # DTensors' own version counters, as torch's in-place ops bump them.
+        torch.autograd.graph.increment_version(params)
+        return ([_local(p) for p in params], [_local(g) for g in grads],
+                [[_local(t) for t in slot] for slot in slots], steps)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -194,9 +249,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self, group: dict[str, Any], key: tuple) -> _Plan:
         slot_names = self._slot_names(group)
         required = slot_names + (("step",) if self._counts_steps else ())
-        # (device, dtype, fresh) -> (params, one list per slot, steps)
+        # (device, dtype, fresh, DTensor?) -> (params, one list per slot, steps)
         lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[Tensor]]] = {}
         waiting: list[Tensor] = []
+        dtensor = _dtensor_type()
         for p in group["params"]:
             if p.is_complex():
                 raise NotImplementedError(
@@ -216,8 +272,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self._counts_steps and state["step"].device != _step_device(p):
                 # e.g. loaded from torch.optim, which keeps steps on the CPU
                 state["step"] = state["step"].to(_step_device(p), torch.float32)
+            sharded = dtensor is not None and isinstance(p, dtensor)
             params, slots, steps = lists.setdefault(
-                (p.device, p.dtype, fresh), ([], [[] for _ in slot_names], [])
+                (p.device, p.dtype, fresh, sharded), ([], [[] for _ in slot_names], [])
             )
             params.append(p)
             for slot, name in zip(slots, slot_names):
@@ -225,12 +282,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self._counts_steps:
                 steps.append(state["step"])
         buckets = []
-        for (device, _, fresh), (params, slots, steps) in lists.items():
+        for (device, _, fresh, sharded), (params, slots, steps) in lists.items():
             kernels = _extension.kernels_for(self._backend, device)
             flat_slots = [t for slot in slots for t in slot]
-            buckets.append(
-                _Bucket(kernels, device, fresh, kernels.BoundTensors(params, flat_slots, steps))
-            )
+            if sharded:
+                bound = _LocalShards(kernels, params, flat_slots, steps)
+                buckets.append(_Bucket(reference, device, fresh, bound))
+            else:
+                bound = kernels.BoundTensors(params, flat_slots, steps)
+                buckets.append(_Bucket(kernels, device, fresh, bound))
         single_use = any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use)
 

@@ -10,7 +10,8 @@ Like the ops, every function checks all its tensors before it changes any.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import sys
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -255,6 +256,11 @@ class BoundTensors:
     """A bucket's params, state slots (slot-major, like the C++ class) and step
     counts, bound once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
 
+    # The list ops a step calls (``adam_``, ...): this module's.  Buckets of
+    # DTensor params bind a subclass that can route them to the compiled ops
+    # (Note [Step plans] in fastopt/optimizer.py).
+    ops: Any = sys.modules[__name__]
+
     def __init__(self, params: list[Tensor], slots: list[Tensor], steps: list[Tensor]) -> None:
         n = len(params)
         if (len(slots) % n if n else len(slots)) != 0:
@@ -265,17 +271,16 @@ class BoundTensors:
         self.params, self.steps = params, steps
         self.slots = [slots[k * n:(k + 1) * n] for k in range(len(slots) // n)] if n else []
 
-
-def _step_tensors(bound: BoundTensors):
-    """The bound lists restricted to params that have a grad: (params, grads,
-    slot lists, steps), or None when no param has one."""
-    keep = [i for i, p in enumerate(bound.params) if p.grad is not None]
-    if not keep:
-        return None
-    params = [bound.params[i] for i in keep]
-    slots = [[slot[i] for i in keep] for slot in bound.slots]
-    steps = [bound.steps[i] for i in keep] if bound.steps else []
-    return params, [p.grad for p in params], slots, steps
+    def step_tensors(self):
+        """The bound lists restricted to params that have a grad: (params, grads,
+        slot lists, steps), or None when no param has one."""
+        keep = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not keep:
+            return None
+        params = [self.params[i] for i in keep]
+        slots = [[slot[i] for i in keep] for slot in self.slots]
+        steps = [self.steps[i] for i in keep] if self.steps else []
+        return params, [p.grad for p in params], slots, steps
 
 
 def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
@@ -283,31 +288,31 @@ def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
 
 
 def adam_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = _step_tensors(bound)
+    tensors = bound.step_tensors()
     if tensors is not None:
         params, grads, slots, steps = tensors
-        adam_(params, grads, _slot(slots, 0), _slot(slots, 1), _slot(slots, 2), steps, **hyper)
+        bound.ops.adam_(params, grads, _slot(slots, 0), _slot(slots, 1), _slot(slots, 2), steps, **hyper)
 
 
 def sgd_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = _step_tensors(bound)
+    tensors = bound.step_tensors()
     if tensors is not None:
         params, grads, slots, _ = tensors
-        sgd_(params, grads, _slot(slots, 0), **hyper)
+        bound.ops.sgd_(params, grads, _slot(slots, 0), **hyper)
 
 
 def rmsprop_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = _step_tensors(bound)
+    tensors = bound.step_tensors()
     if tensors is not None:
         params, grads, slots, steps = tensors
         # Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
         grad_avgs = slots[1] if hyper["centered"] else []
         momentum_buffers = _slot(slots, 2 if hyper["centered"] else 1)
-        rmsprop_(params, grads, slots[0], grad_avgs, momentum_buffers, steps, **hyper)
+        bound.ops.rmsprop_(params, grads, slots[0], grad_avgs, momentum_buffers, steps, **hyper)
 
 
 def adagrad_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = _step_tensors(bound)
+    tensors = bound.step_tensors()
     if tensors is not None:
         params, grads, slots, steps = tensors
-        adagrad_(params, grads, slots[0], steps, **hyper)
+        bound.ops.adagrad_(params, grads, slots[0], steps, **hyper)
