@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: install test pytest ctest bench bench-quick clean
+.PHONY: install test pytest ctest cuda-check bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ pytest: install
 
 ctest: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/ctest.sh
+
+# Compiles every CUDA kernel for sm_80 and sm_90 with nvcc (no GPU needed).
+cuda-check:
+	bash scripts/cuda_compile_check.sh
 
 bench: install
 	$(PY) -m bench --out bench-out

@@ -195,7 +195,7 @@ def with_layout(values: Tensor, layout: str, gap_fill: float = PARAM_GAP_FILL) -
         return values.t().contiguous().t()
     if layout == "strided":
         wide_shape = (*values.shape[:-1], 2 * values.shape[-1]) if values.dim() else (2,)
-        buffer = torch.full(wide_shape, gap_fill, dtype=values.dtype)
+        buffer = torch.full(wide_shape, gap_fill, dtype=values.dtype, device=values.device)
         view = buffer[..., ::2] if values.dim() else buffer[0]
         view.copy_(values)
         return view
@@ -210,13 +210,15 @@ def random_values(shape: Sequence[int], dtype: torch.dtype, generator: torch.Gen
     return values.masked_fill_(values == 0, scale)
 
 
-def make_params(shape_case: ShapeCase, dtype: torch.dtype, seed: int) -> list[torch.nn.Parameter]:
-    """Leaf Parameters with the shapes and param layout of ``shape_case``,
-    random normal values (the same for the same seed)."""
+def make_params(shape_case: ShapeCase, dtype: torch.dtype, seed: int,
+                device: str | torch.device = "cpu") -> list[torch.nn.Parameter]:
+    """Leaf Parameters on ``device`` with the shapes and param layout of
+    ``shape_case``, random normal values (the same for the same seed on every
+    device)."""
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shape_case.shapes:
-        values = random_values(shape, dtype, generator)
+        values = random_values(shape, dtype, generator).to(device)
         layout = shape_case.param_layout if len(shape) == 2 or shape_case.param_layout == "strided" \
             else "contiguous"
         params.append(torch.nn.Parameter(with_layout(values, layout)))
@@ -283,7 +285,7 @@ class GradientFeed:
             layout = self.layout if (self.layout != "transposed" or p.dim() == 2) else "contiguous"
             for params in param_lists:
                 q = params[i]
-                q.grad = with_layout(values.to(q.dtype), layout, gap_fill=float("nan"))
+                q.grad = with_layout(values.to(device=q.device, dtype=q.dtype), layout, gap_fill=float("nan"))
         return drawn
 
 
@@ -314,13 +316,14 @@ def round_through(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dt
 
 
 def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-    """Copies of every param and its state tensors, keyed "param" / state key."""
+    """Copies of every param and its state tensors on the CPU, keyed "param" /
+    state key."""
     out = []
     for p in params:
-        entry = {"param": p.detach().clone()}
+        entry = {"param": p.detach().to("cpu", copy=True)}
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, Tensor):
-                entry[key] = value.detach().clone()
+                entry[key] = value.detach().to("cpu", copy=True)
         out.append(entry)
     return out
 

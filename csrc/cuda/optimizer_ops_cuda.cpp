@@ -1,0 +1,209 @@
+// CUDA implementations of the fastopt ops: the thin launcher, the only file
+// that includes ATen/c10 CUDA headers.  It checks every tensor (shared with
+// the CPU ops, Note [Validate before mutate]), stages tensors the driver
+// cannot walk linearly, and hands raw pointers to the kernels of
+// optimizer_kernels.cu (Note [CUDA driver layout]).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../validate.h"
+#include "step_launch.h"
+
+namespace fastopt::cuda {
+namespace {
+
+Dtype dtype_of(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kDouble: return Dtype::kFloat64;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default: TORCH_CHECK(false, "fastopt: unsupported dtype ", type);
+  }
+}
+
+// Everything a launch needs alive until its kernels are queued.
+struct PreparedStep {
+  std::vector<TensorPointers> tensors;
+  std::vector<at::Tensor> keep_alive;  // staged copies, float32 copies of scalars
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_backs;  // (original, staged)
+  StepLaunch launch{};
+  bool skip_on_host = false;  // found_inf given on the host and nonzero
+};
+
+// A one-element per-step tensor for the kernels to read on the params'
+// device (as float32), or null when absent.
+const float* device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                           const at::Device& device, PreparedStep& step) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+              " but the params are on ", device);
+  at::Tensor as_float = t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
+  step.keep_alive.push_back(as_float);
+  return as_float.const_data_ptr<float>();
+}
+
+// Checks the call and lays out its pointers; writes nothing.
+template <typename HyperT>
+void prepare(const char* op, at::TensorList params, at::TensorList grads,
+             const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+             bool counts_steps, HyperT& hyper, bool maximize, const StepArgs& step_args,
+             PreparedStep& step) {
+  check_list_lengths(op, params, grads, slots, state_steps, counts_steps);
+  check_step_args(op, step_args);
+  const size_t n = params.size();
+  for (size_t i = 0; i < n; ++i) {
+    check_tensors_at(op, i, params, grads, slots, state_steps, counts_steps, c10::kCUDA);
+    TORCH_CHECK(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
+                params[i].device(), " but params[0] is on ", params[0].device(),
+                "; one call takes tensors of one device");
+    if (counts_steps) {
+      TORCH_CHECK(state_steps[i].device() == params[i].device() &&
+                      state_steps[i].scalar_type() == at::kFloat,
+                  op, ": state_steps[", i, "] must be a float32 tensor on ", params[i].device(),
+                  " (the kernels count steps on the device), got a ",
+                  state_steps[i].scalar_type(), " tensor on ", state_steps[i].device());
+    }
+  }
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  if (step_args.lr_tensor.has_value() && step_args.lr_tensor->is_cpu()) {
+    hyper.lr = step_args.lr_tensor->item<double>();
+  } else {
+    step.launch.lr = device_scalar(op, "lr_tensor", step_args.lr_tensor, device, step);
+  }
+  if (step_args.found_inf.has_value() && step_args.found_inf->is_cpu()) {
+    step.skip_on_host = step_args.found_inf->item<double>() != 0;
+  } else {
+    step.launch.found_inf = device_scalar(op, "found_inf", step_args.found_inf, device, step);
+  }
+  step.launch.grad_scale = device_scalar(op, "grad_scale", step_args.grad_scale, device, step);
+
+  auto staged = [&](const at::Tensor& t, bool written) -> void* {
+    at::Tensor copy = t.contiguous();
+    if (written && !copy.is_same(t)) step.write_backs.emplace_back(t, copy);
+    step.keep_alive.push_back(copy);
+    return copy.data_ptr();
+  };
+  step.tensors.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
+    for (const auto& slot : slots) direct = direct && slot.tensors[i].strides() == p.strides();
+    TensorPointers& t = step.tensors[i];
+    t.numel = p.numel();
+    t.step = counts_steps ? state_steps[i].data_ptr<float>() : nullptr;
+    t.param = direct ? p.data_ptr() : staged(p, true);
+    t.grad = direct ? grads[i].const_data_ptr() : staged(grads[i], false);
+    for (size_t k = 0; k < slots.size(); ++k) {
+      t.slot[k] = direct ? slots[k].tensors[i].data_ptr() : staged(slots[k].tensors[i], true);
+    }
+  }
+  step.launch.tensors = step.tensors.data();
+  step.launch.num_tensors = int64_t(n);
+  step.launch.dtype = dtype_of(params[0].scalar_type());
+  step.launch.maximize = maximize;
+}
+
+// Checks, launches `run(launch, hyper)` on the current stream of the params'
+// device and writes staged tensors back (queued on the same stream).
+template <typename HyperT, class Run>
+void run_step(const char* op, at::TensorList params, at::TensorList grads,
+              const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
+              bool counts_steps, HyperT hyper, bool maximize, const StepArgs& step_args, Run&& run) {
+  PreparedStep step;
+  prepare(op, params, grads, slots, state_steps, counts_steps, hyper, maximize, step_args, step);
+  if (params.empty() || step.skip_on_host) return;
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  step.launch.stream = at::cuda::getCurrentCUDAStream().stream();
+  run(step.launch, hyper);
+  for (auto& [original, copy] : step.write_backs) original.copy_(copy);
+}
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+               at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+               double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
+               const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale,
+               const OptionalTensor& found_inf) {
+  std::vector<NamedTensorList> slots{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) slots.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
+  run_step("fastopt::adam_", params, grads, slots, state_steps, true,
+           rules::AdamHyper{lr, beta1, beta2, eps, weight_decay}, maximize,
+           {lr_tensor, grad_scale, found_inf}, [&](const StepLaunch& launch, const auto& hyper) {
+             adam_step(launch, hyper, decoupled_weight_decay, amsgrad);
+           });
+}
+
+void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+              bool maximize, bool first_momentum_step, const OptionalTensor& lr_tensor,
+              const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+  TORCH_CHECK(!nesterov || momentum > 0, "fastopt::sgd_: nesterov needs momentum > 0");
+  std::vector<NamedTensorList> slots;
+  if (momentum != 0) slots.push_back({"momentum_buffers", momentum_buffers});
+  run_step("fastopt::sgd_", params, grads, slots, {}, false,
+           rules::SgdHyper{lr, momentum, dampening, weight_decay, first_momentum_step}, maximize,
+           {lr_tensor, grad_scale, found_inf}, [&](const StepLaunch& launch, const auto& hyper) {
+             sgd_step(launch, hyper, momentum != 0, nesterov);
+           });
+}
+
+void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                  at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                  at::TensorList state_steps, double lr, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize,
+                  const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale,
+                  const OptionalTensor& found_inf) {
+  std::vector<NamedTensorList> slots{{"square_avgs", square_avgs}};
+  if (centered) slots.push_back({"grad_avgs", grad_avgs});
+  if (momentum > 0) slots.push_back({"momentum_buffers", momentum_buffers});
+  run_step("fastopt::rmsprop_", params, grads, slots, state_steps, true,
+           rules::RmspropHyper{lr, alpha, eps, weight_decay, momentum}, maximize,
+           {lr_tensor, grad_scale, found_inf}, [&](const StepLaunch& launch, const auto& hyper) {
+             rmsprop_step(launch, hyper, centered, momentum > 0);
+           });
+}
+
+void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
+                  double eps, bool maximize, const OptionalTensor& lr_tensor,
+                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+  run_step("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}}, state_steps, true,
+           rules::AdagradHyper{lr, lr_decay, weight_decay, eps}, maximize,
+           {lr_tensor, grad_scale, found_inf},
+           [&](const StepLaunch& launch, const auto& hyper) { adagrad_step(launch, hyper); });
+}
+
+void roofline_cuda(at::TensorList params, at::TensorList grads, at::TensorList slots) {
+  const size_t n = params.size();
+  TORCH_CHECK(n == 0 || slots.size() % n == 0, "fastopt::roofline_: slots must hold a whole "
+              "number of lists of ", n, " tensors, got ", slots.size());
+  const size_t num_slots = n == 0 ? 0 : slots.size() / n;
+  TORCH_CHECK(num_slots <= size_t(kMaxSlots), "fastopt::roofline_: at most ", kMaxSlots,
+              " state slots, got ", num_slots);
+  std::vector<NamedTensorList> slot_lists;
+  for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
+  run_step("fastopt::roofline_", params, grads, slot_lists, {}, false, rules::RooflineHyper{},
+           false, {}, [&](const StepLaunch& launch, const auto&) {
+             roofline_step(launch, int(num_slots));
+           });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("adam_", &adam_cuda);
+  m.impl("sgd_", &sgd_cuda);
+  m.impl("rmsprop_", &rmsprop_cuda);
+  m.impl("adagrad_", &adagrad_cuda);
+  m.impl("roofline_", &roofline_cuda);
+}
+
+}  // namespace fastopt::cuda

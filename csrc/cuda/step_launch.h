@@ -1,0 +1,56 @@
+// The interface between the CUDA launcher (optimizer_ops_cuda.cpp, the only
+// file that includes ATen/c10 CUDA headers) and the kernels
+// (optimizer_kernels.cu, free of torch headers so that nvcc compiles them on
+// machines without a CUDA build of torch; see Note [CUDA driver layout]).
+#pragma once
+
+#include <cstdint>
+
+#include "../rules/adagrad.h"
+#include "../rules/adam.h"
+#include "../rules/common.h"
+#include "../rules/rmsprop.h"
+#include "../rules/roofline.h"
+#include "../rules/sgd.h"
+
+struct CUstream_st;  // cudaStream_t, without the CUDA runtime headers
+
+namespace fastopt::cuda {
+
+enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// One param's streams in device memory: dense, all with the param's strides
+// and dtype (the launcher stages anything else through contiguous copies).
+struct TensorPointers {
+  void* param;
+  const void* grad;
+  void* slot[kMaxSlots];  // the rule's slots in its order; unused ones null
+  float* step;            // the param's step count on the device; null for rules without
+  int64_t numel;
+};
+
+// One step of one rule over a list of params of one device and dtype.
+struct StepLaunch {
+  const TensorPointers* tensors;
+  int64_t num_tensors;
+  Dtype dtype;
+  // Device values read by the kernels, so a step needs no host sync and can
+  // be captured in a CUDA graph; each may be null.
+  const float* lr;          // replaces the Hyper's lr (a tensor lr, capturable)
+  const float* grad_scale;  // AMP: grads are divided by it in registers
+  const float* found_inf;   // AMP: when nonzero, nothing is written, steps included
+  bool maximize;
+  CUstream_st* stream;
+};
+
+// Each throws std::runtime_error when a launch fails.
+void adam_step(const StepLaunch& launch, const rules::AdamHyper& hyper,
+               bool decoupled_weight_decay, bool amsgrad);
+void sgd_step(const StepLaunch& launch, const rules::SgdHyper& hyper, bool has_momentum,
+              bool nesterov);
+void rmsprop_step(const StepLaunch& launch, const rules::RmspropHyper& hyper, bool centered,
+                  bool has_momentum);
+void adagrad_step(const StepLaunch& launch, const rules::AdagradHyper& hyper);
+void roofline_step(const StepLaunch& launch, int num_slots);
+
+}  // namespace fastopt::cuda
