@@ -126,7 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load_average()
     started = time.perf_counter()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    rows = runner.run(config, llc_bytes, notes)
+    print(f"python -m bench: measuring the {device.type} copy bandwidth (reference)", file=sys.stderr)
+    try:
+        copy_bw = timing.copy_bandwidth(device, llc_bytes, config.policy)
+        copy_bw["device_name"] = system.device_name(device)
+    except Exception as error:  # e.g. no memory for the buffers: run without the reference
+        copy_bw = None
+        notes.add(f"copy bandwidth not measured: {type(error).__name__}: "
+                  f"{(str(error).splitlines() or [''])[0][:200]}")
+    rows = runner.run(config, llc_bytes, notes, copy_gbps=copy_bw and copy_bw["gbps"])
     runtime = time.perf_counter() - started
 
     out: Path = args.out
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "logical_cpus": os.cpu_count(),
         "llc_bytes": llc_bytes,
         "llc_source": llc_source,
+        "copy_bandwidth": copy_bw,
         "rotation_factor": config.rotation_factor,
         "workloads": {name: {"description": WORKLOADS[name].description,
                              "num_tensors": WORKLOADS[name].num_tensors, "numel": WORKLOADS[name].numel}
@@ -175,6 +184,11 @@ def method_text(config: runner.Config, llc_bytes: int) -> list[str]:
     repeats = (f"{p.repeats} timed steps" if p.repeats is not None else
                f"enough timed steps to fill ~{p.target_s} s ({p.min_repeats} to {p.max_repeats})")
     return [
+        "Copy bandwidth (the device's reference): `dst.copy_(src)` of two buffers far beyond the "
+        "last-level cache (1 GiB each on CUDA; ≥ 4× LLC and ≥ 256 MiB on CPU), bytes moved = read + "
+        "write = 2 × size, median of repeated copies after warm-up, timed like the steps, once at the "
+        "start of the run.  **% copy BW** = a row's GB/s (the bytes the optimizer must move per step) "
+        "/ that bandwidth.",
         "Timing: params and grads are random normal; the first step creates optimizer state (untimed), "
         "then untimed warm-up steps (≥1, ~0.2 s; the first one measures memory), then "
         f"{repeats}; median, min and max of per-step times (time.perf_counter on CPU; CUDA events "

@@ -2,13 +2,39 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .implementations import IMPLS
+from .optimizers import SPECS
 from .workloads import WORKLOADS
 
 PLOT_IMPLS = [impl for impl in IMPLS if impl != "roofline"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal of issue #3 (CUDA backend) checked against one row of a CUDA run:
+    fastopt-fused's fraction of the copy bandwidth (``versus`` None), or its
+    speedup over the ``versus`` implementation's median."""
+    workload: str
+    dtype: str
+    option_set: str
+    at_least: float
+    versus: str | None = None
+
+    def text(self) -> str:
+        goal = (f"≥ {self.at_least:.1f} × copy bandwidth" if self.versus is None
+                else f"≥ {self.at_least:.1f}× {self.versus}")
+        return f"{SPECS[self.option_set].label} {self.dtype} {self.workload}: fastopt-fused {goal}"
+
+
+TARGETS = (
+    Target("gpt2-xl", "fp32", "adam", 0.9),
+    Target("gpt2-xl", "fp32", "adam", 1.0, "torch-fused"),
+    Target("4000x1000", "fp32", "adam", 1.3, "torch-fused"),
+)
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -46,15 +72,44 @@ def _table(header: list[str], rows: list[list[str]], align: list[str] | None = N
     ]
 
 
+def _targets(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One table row per target: the goal, the value measured in this run, met or not."""
+    index = {(r["workload"], r["dtype"], r["option_set"], r["impl"]): r for r in rows}
+    body = []
+    for t in TARGETS:
+        ours = index.get((t.workload, t.dtype, t.option_set, "fastopt-fused"))
+        if t.versus is None:
+            value = ours and ours["copy_bw_fraction"]
+            shown = _fmt(value, ".2f", f" × copy BW ({ours['gbps']:.0f} GB/s)" if ours else "")
+        else:
+            other = index.get((t.workload, t.dtype, t.option_set, t.versus))
+            value = other["median_ms"] / ours["median_ms"] if ours and other else None
+            shown = _fmt(value, ".2f", f"× ({_ms(ours['median_ms'])} vs {_ms(other['median_ms'])} ms)"
+                         if value is not None else "")
+        verdict = "not measured" if value is None else ("**met**" if value >= t.at_least else "**not met**")
+        body.append([t.text(), shown, verdict])
+    return body
+
+
 def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str],
                    plot_note: str | None) -> None:
     lines: list[str] = []
     m = meta
+    cuda = str(m["device"]).startswith("cuda")
+    device_line = (f"- **Device**: {m['device']} — {m.get('device_name', '?')} (host CPU: {m['cpu_name']}, "
+                   f"**threads**: {m['threads']})" if cuda else
+                   f"- **Device**: {m['device']} — {m['cpu_name']} (fastopt cpu_capability: "
+                   f"{m['fastopt_cpu_capability']}), **threads**: {m['threads']}")
+    copy = m.get("copy_bandwidth")
+    copy_line = ("- **Copy bandwidth** (reference): not measured" if not copy else
+                 f"- **Copy bandwidth** (reference): **{copy['gbps']:.1f} GB/s** median "
+                 f"(best {copy['gbps_best']:.1f}) — `dst.copy_(src)` of {copy['buffer_bytes'] / 2**20:.0f} MiB, "
+                 f"{copy['bytes_per_copy'] / 2**20:.0f} MiB moved per copy (read + write), "
+                 f"median {copy['median_ms']:.3g} ms of {copy['repeats']}")
     lines += [
         "# fastopt optimizer-step benchmark",
         "",
-        f"- **Device**: {m['device']} — {m['cpu_name']} (fastopt cpu_capability: "
-        f"{m['fastopt_cpu_capability']}), **threads**: {m['threads']}",
+        device_line,
         f"- **torch** {m['torch_version']} · **fastopt** {m['fastopt_version']} · **date** {m['date']} · "
         f"**runtime** {m['runtime_s']:.0f} s",
         f"- **Command**: `{m['command_line']}`",
@@ -62,15 +117,23 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
         f"{_fmt(m['load_average_1m']['start'], '.2f')} at start, {_fmt(m['load_average_1m']['end'], '.2f')} at end"
         " (a load above the benchmark's own threads means other processes shared the cores)",
         f"- Last-level cache: {m['llc_bytes'] / 2**20:.0f} MiB ({m['llc_source']})",
+        copy_line,
         "",
         "One optimizer step (`opt.step()`, grads already set) per row.  **% roofline** = roofline "
         "time / step time, where the roofline is `torch.ops.fastopt.roofline_bound_` (the op `roofline_` on tensors bound once, like the optimizers): the same streams "
-        "(param r/w, every state slot r/w, grad read) through fastopt's CPU driver with one add per "
+        "(param r/w, every state slot r/w, grad read) through fastopt's "
+        f"{'CUDA' if cuda else 'CPU'} driver with one add per "
         "stream, measured on the same tensors in the same run.  **speedup** = fastest torch.optim "
         "implementation's median (for-loop, foreach or fused) / this median.  GB/s counts "
-        "numel × itemsize × (2·(1+K) + 1) bytes per step, K = state tensors per param.",
+        "numel × itemsize × (2·(1+K) + 1) bytes per step, K = state tensors per param (Adam fp32: "
+        "28 B per param).  **% copy BW** = that GB/s / the copy bandwidth above.",
         "",
     ]
+    if cuda:
+        lines += ["## Targets (issue #3, CUDA backend)", "",
+                  "Measured in this run; a target whose workload or dtype was not run reads "
+                  "\"not measured\".", ""]
+        lines += _table(["target", "measured", "verdict"], _targets(rows), ["l", "r", "l"]) + [""]
     workloads = _ordered([r["workload"] for r in rows], list(WORKLOADS))
     dtypes = _ordered([r["dtype"] for r in rows], ["fp32", "bf16", "fp16", "fp64"])
     labels = _ordered([r["label"] for r in rows], [])
@@ -132,6 +195,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                         f"{_ms(r['median_ms'])} ({_ms(r['min_ms'])}–{_ms(r['max_ms'])})",
                         f"{r['gbps']:.1f}",
                         _fmt(_pct(r["roofline_fraction"]), ".0f", "%"),
+                        _fmt(_pct(r.get("copy_bw_fraction")), ".0f", "%"),
                         _fmt(r["speedup_vs_torch"], ".2f", "×"),
                         _fmt(r["peak_extra_mib"], ".1f"),
                         str(r["repeats"]),
@@ -139,8 +203,8 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
             if body:
                 lines += [f"**{dtype}**", ""]
                 lines += _table(["optimizer", "impl", "median ms (min–max)", "GB/s", "% roofline",
-                                 "speedup vs torch best", "extra MiB", "n"], body,
-                                ["l", "l", "r", "r", "r", "r", "r", "r"]) + [""]
+                                 "% copy BW", "speedup vs torch best", "extra MiB", "n"], body,
+                                ["l", "l", "r", "r", "r", "r", "r", "r", "r"]) + [""]
 
     lines += ["## Notes", ""]
     if plot_note:

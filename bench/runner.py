@@ -4,6 +4,7 @@ build every implementation's step over the same params and time it
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,14 +66,35 @@ class ParamSets:
 
     def get(self, copies: int) -> list[list[torch.Tensor]]:
         while len(self.sets) < copies:
-            generator = torch.Generator().manual_seed(self.seed + len(self.sets))
+            # Drawn on the device itself: on CUDA, drawing GPT-2 XL's 1.56B
+            # params and grads on the CPU and copying them over takes minutes.
+            generator = torch.Generator(device=self.device).manual_seed(self.seed + len(self.sets))
             params = []
             for shape in self.workload.shapes:
-                p = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-                p.grad = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+                p = torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device)
+                p.grad = torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device)
                 params.append(p)
             self.sets.append(params)
         return self.sets[:copies]
+
+
+# The CUDA caching allocator hands out blocks of >= 1 MiB in 2 MiB steps.
+def _cuda_bytes(workload: Workload, itemsize: int) -> int:
+    """Device bytes of one tensor set shaped like ``workload`` (allocator rounding included)."""
+    total = 0
+    for shape in workload.shapes:
+        n = math.prod(shape) * itemsize
+        total += -(-n // (2 * 2**20)) * 2 * 2**20 if n >= 2**20 else -(-n // 512) * 512
+    return total
+
+
+def _cuda_free_bytes(device: torch.device) -> int:
+    """Free device memory plus what torch's caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+CUDA_MARGIN_BYTES = 2 * 2**30
 
 
 def _mib(nbytes: int | None) -> float | None:
@@ -100,6 +122,7 @@ def _row(config: Config, impl: str, spec: OptimizerSpec, workload: Workload, dty
         "bytes_per_step": bytes_per_step,
         "gbps": bytes_per_step / median / 1e9,
         "roofline_fraction": None,
+        "copy_bw_fraction": None,
         "speedup_vs_torch": None,
         "peak_extra_mib": _mib(measured.peak_extra_bytes),
     }
@@ -120,6 +143,15 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
         notes.add(f"{impl} failed: {type(error).__name__}: {first_line}", place)
         cases.pop(impl, None)
 
+    # On CUDA every implementation of the group keeps its own state on the GPU at
+    # once (GPT-2 XL fp32 Adam: 11.6 GiB each); one that would not fit is skipped
+    # up front instead of running out of memory mid-group and failing another.
+    # Kept free: one param set for a step's temporaries (torch foreach) + a margin.
+    budget = None
+    if config.device.type == "cuda":
+        sets.get(copies)
+        set_bytes = _cuda_bytes(workload, DTYPES[dtype_name].itemsize)
+        budget = _cuda_free_bytes(config.device) - set_bytes - CUDA_MARGIN_BYTES
     for impl in config.impls:
         n = copies
         if impl == "fastopt-reference":
@@ -129,6 +161,13 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
                 continue
             max_repeats[impl] = config.reference_max_repeats
             n = 1
+        if budget is not None:
+            need = n * spec.slots * set_bytes
+            if need > budget:
+                notes.add(f"{impl} skipped: its state ({need / 2**30:.1f} GiB) does not fit in the GPU "
+                          "memory left by the implementations before it", place)
+                continue
+            budget -= need
         progress.show(f"{label}: build {impl}")
         try:
             cases[impl] = [build_step(impl, spec, params) for params in sets.get(n)]
@@ -153,20 +192,25 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
             for impl in config.impls if impl in measured]
 
 
-def _derive(rows: list[dict[str, Any]]) -> None:
-    """Fills roofline_fraction and speedup_vs_torch within one
-    (workload, dtype, option set) group."""
+def _derive(rows: list[dict[str, Any]], copy_gbps: float | None = None) -> None:
+    """Fills roofline_fraction, copy_bw_fraction and speedup_vs_torch within
+    one (workload, dtype, option set) group."""
     roofline = next((r["median_ms"] for r in rows if r["impl"] == "roofline"), None)
     torch_times = [r["median_ms"] for r in rows if r["impl"] in TORCH_IMPLS]
     best_torch = min(torch_times) if torch_times else None
     for r in rows:
+        if copy_gbps:
+            r["copy_bw_fraction"] = r["gbps"] / copy_gbps
         if roofline is not None:
             r["roofline_fraction"] = roofline / r["median_ms"]
         if best_torch is not None:
             r["speedup_vs_torch"] = best_torch / r["median_ms"]
 
 
-def run(config: Config, llc_bytes: int, notes: Notes) -> list[dict[str, Any]]:
+def run(config: Config, llc_bytes: int, notes: Notes,
+        copy_gbps: float | None = None) -> list[dict[str, Any]]:
+    """Every row; ``copy_gbps`` (the device's copy bandwidth,
+    timing.copy_bandwidth) sets each row's copy_bw_fraction."""
     workloads = [WORKLOADS[name] for name in config.workloads]
     specs = [SPECS[key] for key in config.optimizers]
     progress = Progress(len(workloads) * len(config.dtypes) * len(specs))
@@ -182,11 +226,13 @@ def run(config: Config, llc_bytes: int, notes: Notes) -> list[dict[str, Any]]:
                         footprint, llc_bytes, config.rotation_factor)
                     group = _measure_group(config, spec, workload, dtype_name, sets, copies, notes,
                                            progress)
-                    _derive(group)
+                    _derive(group, copy_gbps)
                     rows.extend(group)
                     progress.advance()
                 del sets
                 gc.collect()
+                if config.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the next dtype's tensors have other sizes
     progress.close()
     return rows
 

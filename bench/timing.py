@@ -15,6 +15,9 @@ Method (DESIGN.md, Benchmarks):
   hits all of them alike instead of skewing the ratios.
 * CPU samples use time.perf_counter around the pass.  On CUDA a pass is
   bracketed by CUDA events after a synchronize (the hook is ``Timer``).
+* The reference bandwidth of the device is that of ``dst.copy_(src)`` on a
+  buffer far beyond the last-level cache (:func:`copy_bandwidth`), timed the
+  same way; bytes moved per copy = read + write = 2 x buffer size.
 """
 from __future__ import annotations
 
@@ -30,6 +33,12 @@ from typing import Callable, Sequence
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the work queued on ``device`` (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Timer:
     """Seconds one call of ``fn`` takes on ``device``."""
 
@@ -39,11 +48,14 @@ class Timer:
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # Record on the device's current stream (the one torch.optim and
+            # fastopt launch on), also when ``device`` is not the current device.
+            stream = torch.cuda.current_stream(self.device)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             return start.elapsed_time(end) / 1e3
         begin = time.perf_counter()
@@ -178,6 +190,7 @@ def measure_group(cases: dict[str, Sequence[Callable[[], object]]], device: torc
                 peaks[name] = peak_extra_bytes(steps[0], device)
                 for step in steps[1:]:
                     step()
+                synchronize(device)  # CUDA: the steps above were only queued
                 warm.append((time.perf_counter() - start) / len(steps))
             while len(warm) < policy.max_warmup and (
                 len(warm) < policy.min_warmup or time.perf_counter() - began < policy.warmup_s
@@ -211,3 +224,59 @@ def measure_group(cases: dict[str, Sequence[Callable[[], object]]], device: torc
             except Exception as error:
                 fail(name, error)
     return {name: Measurement(samples[name], peaks[name]) for name in passes if samples[name]}
+
+
+COPY_MIN_BYTES_CPU = 256 * 2**20
+COPY_BYTES_CUDA = 2**30
+
+
+def copy_buffer_bytes(device: torch.device, llc_bytes: int) -> int:
+    """Size of each of the two copy buffers: 1 GiB on CUDA (less when the GPU
+    has little free memory); on CPU 4x the last-level cache, at least 256 MiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(COPY_BYTES_CUDA, max(64 * 2**20, free // 8) // 2**20 * 2**20)
+    return max(4 * llc_bytes, COPY_MIN_BYTES_CPU)
+
+
+def copy_bandwidth(device: torch.device, llc_bytes: int, policy: Policy) -> dict:
+    """The device's achievable streaming bandwidth as a reference: ``dst.copy_(src)``
+    of two uint8 buffers of :func:`copy_buffer_bytes` each (on CUDA a
+    device-to-device cudaMemcpy), bytes moved = read + write = 2 x size.
+    Untimed first copy, warm-up copies (>= 2, ~``warmup_s``), then timed
+    copies (``policy.repeats``, else enough for ~``target_s``, 5 to 50),
+    each timed alone like an optimizer pass (:class:`Timer`); GB/s from the
+    median."""
+    size = copy_buffer_bytes(device, llc_bytes)
+    src = torch.empty(size, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    copy = lambda: dst.copy_(src)  # noqa: E731
+    copy()  # first touch of dst (CPU page faults)
+    warm: list[float] = []
+    began = time.perf_counter()
+    while len(warm) < 2 or (len(warm) < 20 and time.perf_counter() - began < policy.warmup_s):
+        warm.append(timer(copy))
+    repeats = policy.repeats if policy.repeats is not None else min(
+        50, max(5, round(policy.target_s / max(statistics.median(warm), 1e-9))))
+    samples = [timer(copy) for _ in range(max(5, repeats))]
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the 2 buffers back before the workloads
+    median = statistics.median(samples)
+    method = ("dst.copy_(src), uint8 buffers on the device (a device-to-device cudaMemcpy), "
+              "CUDA events after a synchronize" if device.type == "cuda" else
+              f"dst.copy_(src), uint8 buffers ({torch.get_num_threads()} threads), "
+              "time.perf_counter; buffer ≥ 4× the last-level cache")
+    return {
+        "device": str(device),
+        "buffer_bytes": size,
+        "bytes_per_copy": 2 * size,
+        "method": method,
+        "median_ms": median * 1e3,
+        "min_ms": min(samples) * 1e3,
+        "max_ms": max(samples) * 1e3,
+        "repeats": len(samples),
+        "gbps": 2 * size / median / 1e9,
+        "gbps_best": 2 * size / min(samples) / 1e9,
+    }
