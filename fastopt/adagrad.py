@@ -10,7 +10,8 @@ from .optimizer import FusedOptimizer, _scalar
 class Adagrad(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adagrad`; see :class:`fastopt.Adam` for
     the keyword-only ``backend``.  Like torch.optim, the state of the
-    constructor's params is created at construction."""
+    constructor's params is created at construction.  Sparse grads run on
+    the reference (see Note [Failed steps] in optimizer.py)."""
 
     def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
@@ -64,6 +65,11 @@ class Adagrad(FusedOptimizer):
         if state.get("sum") is None:
             state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
                                            memory_format=torch.preserve_format)
+
+    def _sparse_grad_problem(self, group):
+        if group["weight_decay"] != 0:
+            return "weight_decay option is not compatible with sparse gradients"
+        return None
 
     def _run(self, group, bucket):
         bucket.kernels.adagrad_bound_(
