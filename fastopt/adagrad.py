@@ -63,8 +63,10 @@ class Adagrad(FusedOptimizer):
 
     def _init_slots(self, group, param, state):
         if state.get("sum") is None:
-            state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
-                                           memory_format=torch.preserve_format)
+            value = group["initial_accumulator_value"]
+            if param.is_complex():  # both halves of each (real, imaginary) pair, as torch.optim does
+                value = complex(value, value)
+            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
 
     def _sparse_grad_problem(self, group):
         if group["weight_decay"] != 0:
