@@ -18,15 +18,16 @@ tensors must be followed by ``optimizer.invalidate_plans()``.
 
 Note [Failed steps]
 A step that raises changes nothing.  Each op checks its tensors before
-writing any, and a step with more than one bucket first checks all of them
-(Note [Atomic steps across buckets] in csrc/bound_ops.cpp); state created by
-the failed step is removed again.  Only then, off the common path, does the
-step look for the culprit in Python (O(params)) and raise naming it as
-``param_groups[g]['params'][j]``.  If every tensor fits, the failure had one
-of two harmless causes, and the step is tried once more with fresh plans:
-the plans were stale (``p.data`` replaced by a tensor of another dtype), or
-some grads are sparse (the kernels take dense grads only; optimizers that
-support sparse grads then run the step on the reference).
+writing any, and a step with more than one bucket checks all the others
+before the first runs (Note [Atomic steps across buckets] in
+csrc/bound_ops.cpp); state created by the failed step is removed again.
+Only then, off the common path, does the step look for the culprit in
+Python (O(params)) and raise naming it as ``param_groups[g]['params'][j]``.
+If every tensor fits, the failure had one of two harmless causes, and the
+step is tried once more with fresh plans: the plans were stale (``p.data``
+replaced by a tensor of another dtype), or some grads are sparse (the
+kernels take dense grads only; optimizers that support sparse grads then
+run the step on the reference).
 
 Complex params are stepped as real pairs (``torch.view_as_real``, as
 torch.optim does); their state stays complex.  The views are bound anew each
@@ -248,13 +249,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             for _, bucket in runs:
                 if bucket.complex_tensors is not None:
                     bucket.bind_real_views()
-            if len(runs) > 1 and not checked:
-                # Note [Atomic steps across buckets]: all checked before any runs.
-                buckets_of: dict[int, tuple[Any, list[Any]]] = {}
-                for _, bucket in runs:
-                    buckets_of.setdefault(id(bucket.kernels), (bucket.kernels, []))[1].append(bucket.bound)
-                for kernels, bounds in buckets_of.values():
-                    kernels.check_bound(bounds)
+            if not checked:
+                # Note [Atomic steps across buckets]: the first op checks its own
+                # tensors before changing anything; the others' are checked now.
+                for _, bucket in runs[1:]:
+                    bucket.bound.check()
             for group, bucket in runs:
                 self._run(group, bucket)
                 ran_any = True

@@ -17,7 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_",
-    "BoundTensors", "check_bound", "tensor_problem",
+    "BoundTensors", "tensor_problem",
     "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_",
 ]
 
@@ -244,9 +244,12 @@ def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, 
     """torch.optim.Adagrad's update for a sparse grad, in the tensors' dtype as torch does."""
     grad = (-grad if maximize else grad).coalesce()  # the update is non-linear: unique indices
     indices, values = grad._indices(), grad._values()
-    state_sum.add_(torch.sparse_coo_tensor(indices, values.pow(2), grad.shape))
+    def at_indices(new_values: Tensor) -> Tensor:
+        return torch.sparse_coo_tensor(indices, new_values, grad.shape, check_invariants=False)
+
+    state_sum.add_(at_indices(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
-    param.add_(torch.sparse_coo_tensor(indices, values / std_values, grad.shape), alpha=-clr)
+    param.add_(at_indices(values / std_values), alpha=-clr)
 
 
 class BoundTensors:
@@ -263,6 +266,16 @@ class BoundTensors:
         self.params, self.steps = params, steps
         self.slots = [slots[k * n:(k + 1) * n] for k in range(len(slots) // n)] if n else []
 
+    def check(self) -> None:
+        """Checks this step's tensors as the bucket's op will, before another
+        bucket's op runs (Note [Atomic steps across buckets] in csrc/bound_ops.cpp)."""
+        tensors = _step_tensors(self)
+        if tensors is not None:
+            params, grads, slots, steps = tensors
+            _check_lists("BoundTensors.check", params, grads,
+                         {f"state_slots{k}": slot for k, slot in enumerate(slots)},
+                         steps if self.steps else None)
+
 
 def _step_tensors(bound: BoundTensors):
     """The bound lists restricted to params that have a grad: (params, grads,
@@ -274,18 +287,6 @@ def _step_tensors(bound: BoundTensors):
     slots = [[slot[i] for i in keep] for slot in bound.slots]
     steps = [bound.steps[i] for i in keep] if bound.steps else []
     return params, [p.grad for p in params], slots, steps
-
-
-def check_bound(buckets: Sequence[BoundTensors]) -> None:
-    """Checks the tensors of every bucket of a step, as their ops would,
-    before any op runs (Note [Atomic steps across buckets] in csrc/bound_ops.cpp)."""
-    for bound in buckets:
-        tensors = _step_tensors(bound)
-        if tensors is not None:
-            params, grads, slots, steps = tensors
-            _check_lists("check_bound", params, grads,
-                         {f"state_slots{k}": slot for k, slot in enumerate(slots)},
-                         steps if bound.steps else None)
 
 
 def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
