@@ -137,7 +137,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _sparse_grad_problem(self, group: dict[str, Any]) -> str | None:
-        """Why a sparse grad cannot be stepped with ``group``'s options (torch.optim's message), or None."""
+        """Why a sparse grad cannot be stepped with ``group``'s options
+        (torch.optim's message), or None."""
         return self._sparse_grad_error
 
     # -- torch.optim.Optimizer interface ----------------------------------------
@@ -168,7 +169,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         try:
             self._check_loaded_state()
-        except ValueError:
+        except Exception:
             self.__setstate__(previous)  # the load replaced these objects, it did not change them
             raise
 
@@ -200,7 +201,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      if state.get(key) is not None},
                     "state['step']" if self._counts_steps else "", state.get("step"), complex_ok=True)
                 if problem is not None:
-                    raise ValueError(f"{where}: the loaded state of {param}: {problem}; nothing was changed")
+                    raise ValueError(
+                        f"{where}: the loaded state of {param}: {problem}; nothing was changed")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -243,7 +245,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _apply(self, plans: list[_Plan], checked: bool = False) -> None:
         """Runs every bucket of ``plans`` (``checked``: every tensor is known to
         fit); raises ``_NothingChanged`` when it fails before changing anything."""
-        runs = [(group, bucket) for group, plan in zip(self.param_groups, plans) for bucket in plan.buckets]
+        runs = [(group, bucket) for group, plan in zip(self.param_groups, plans)
+                for bucket in plan.buckets]
         ran_any = False
         try:
             for _, bucket in runs:
@@ -298,7 +301,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "the param", p, tensors, "state['step']" if counted else "", state.get("step"),
                     complex_ok=True, sparse_ok=("grad",))
                 if problem is not None:
-                    raise RuntimeError(f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
+                    raise RuntimeError(
+                        f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
         return sparse
 
     # -- plans ---------------------------------------------------------------
@@ -358,13 +362,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 steps.append(state["step"])
         buckets = []
         # Sorted by occurrence: a param's second entry steps after its first.
-        for (device, dtype, fresh, _), (params, slots, steps) in sorted(lists.items(), key=lambda item: item[0][3]):
+        for (device, dtype, fresh, _), (params, slots, steps) in sorted(
+                lists.items(), key=lambda item: item[0][3]):
             bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
             flat_slots = [t for slot in slots for t in slot]
             if dtype.is_complex:
                 buckets.append(_Bucket(bucket_kernels, fresh, None, (params, flat_slots, steps)))
             else:
-                buckets.append(_Bucket(bucket_kernels, fresh, bucket_kernels.BoundTensors(params, flat_slots, steps)))
+                bound = bucket_kernels.BoundTensors(params, flat_slots, steps)
+                buckets.append(_Bucket(bucket_kernels, fresh, bound))
         single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
 
