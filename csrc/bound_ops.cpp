@@ -25,6 +25,7 @@
 
 #include "rules/common.h"
 #include "step_args.h"
+#include "validate.h"
 
 namespace fastopt {
 namespace {
@@ -192,11 +193,38 @@ void roofline_bound(const Bound& bound) {
   t.bump_param_versions();
 }
 
+// Note [Atomic steps across buckets]
+// Each op checks all its tensors before writing any (Note [Validate before
+// mutate] in validate.cpp), but a step makes one op call per bucket (device,
+// dtype, param group): if bucket 2 failed its checks, bucket 1 would already
+// be updated.  So before a step with more than one bucket runs any, it calls
+// BoundTensors.check() on every bucket after the first (fastopt/optimizer.py);
+// their ops then repeat the checks, a second pass over the metadata paid only
+// by such steps.  A method, not an op: calling an op with a custom-class
+// argument from Python costs ~10 us more.
+void check_step_tensors(const BoundTensors& bound) {
+  static const char* const kWhat = "fastopt.BoundTensors.check";
+  const StepTensors t(bound);
+  if (t.empty()) return;
+  std::vector<NamedTensorList> slots;
+  const size_t num_slots = t.slots().size() / t.params().size();
+  for (size_t k = 0; k < num_slots; ++k) slots.push_back({"state_slots", t.slot(k)});
+  const bool counts_steps = !t.steps().empty();
+  check_list_lengths(kWhat, t.params(), t.grads(), slots, t.steps(), counts_steps);
+  const c10::DeviceType device_type = t.params()[0].device().type();
+  at::parallel_for(0, int64_t(t.params().size()), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      check_tensors_at(kWhat, i, t.params(), t.grads(), slots, t.steps(), counts_steps, device_type);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastopt, m) {
   m.class_<BoundTensors>("BoundTensors")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>());
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("check", [](const Bound& self) { check_step_tensors(*self); });
   m.def(
       "adam_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "

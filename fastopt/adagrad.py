@@ -10,7 +10,8 @@ from .optimizer import FusedOptimizer
 class Adagrad(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adagrad`; see :class:`fastopt.Adam` for
     the keyword-only ``backend``.  Like torch.optim, the state of the
-    constructor's params is created at construction."""
+    constructor's params is created at construction.  Sparse grads run on
+    the reference (see Note [Failed steps] in optimizer.py)."""
 
     def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
@@ -62,8 +63,15 @@ class Adagrad(FusedOptimizer):
 
     def _init_slots(self, group, param, state):
         if state.get("sum") is None:
-            state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
-                                           memory_format=torch.preserve_format)
+            value = group["initial_accumulator_value"]
+            if param.is_complex():  # both halves of each (real, imaginary) pair, as torch.optim does
+                value = complex(value, value)
+            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+
+    def _sparse_grad_problem(self, group):
+        if group["weight_decay"] != 0:
+            return "weight_decay option is not compatible with sparse gradients"
+        return None
 
     def _run(self, group, bucket, step_args):
         bucket.kernels.adagrad_bound_(

@@ -18,6 +18,8 @@ class Adam(FusedOptimizer):
     compatibility; fastopt always runs its own fused step.
     """
 
+    _sparse_grad_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,

@@ -28,6 +28,27 @@ param's local tensor (lazy init pads uneven shards).  So such a bucket binds a
 step take the local shards of the params, their grads and their state and call
 the backend's list op (``torch.ops.fastopt.adam_`` or the reference's) once:
 O(params) Python work per step for DTensor buckets only.
+
+Note [Failed steps]
+A step that raises changes nothing.  Each op checks its tensors before
+writing any, and a step with more than one bucket checks all the others
+before the first runs (Note [Atomic steps across buckets] in
+csrc/bound_ops.cpp); state created by the failed step is removed again.
+Only then, off the common path, does the step look for the culprit in
+Python (O(params)) and raise naming it as ``param_groups[g]['params'][j]``.
+If every tensor fits, the failure had one of two harmless causes, and the
+step is tried once more with fresh plans: the plans were stale (``p.data``
+replaced by a tensor of another dtype), or some grads are sparse (the
+kernels take dense grads only; optimizers that support sparse grads then
+run the step on the reference).
+
+Complex params are stepped as real pairs (``torch.view_as_real``, as
+torch.optim does); their state stays complex.  The views are bound anew each
+step (O(complex params)), so that a replaced ``p.data`` is followed.
+
+A param listed twice in a group is stepped twice, in order, as torch.optim
+does: its second entry goes to a later bucket (within one op call the two
+entries would race).
 """
 from __future__ import annotations
 
@@ -53,6 +74,19 @@ class _Bucket:
     # kernels.BoundTensors(params, slot-major state slots, steps), or for
     # DTensor params a _LocalShards with the list ops (kernels is the reference)
     bound: Any
+    # Complex params: (params, slot-major state slots, steps), bound as real
+    # views each step (Note [Failed steps]); None for real params.
+    complex_tensors: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+
+    def bind_real_views(self) -> None:
+        params, slots, steps = self.complex_tensors
+        views = []
+        for p in params:
+            view = torch.view_as_real(p)
+            if p.grad is not None:
+                view.grad = torch.view_as_real(p.grad)
+            views.append(view)
+        self.bound = self.kernels.BoundTensors(views, [torch.view_as_real(t) for t in slots], steps)
 
 
 @dataclass
@@ -62,6 +96,17 @@ class _Plan:
     buckets: list[_Bucket]
     waiting: list[Tensor]  # params without state that have had no grad yet
     single_use: bool  # built with fresh state: rebuild on the next step
+    # The state of each param whose state this plan's build created or
+    # completed, as it was before: restored if the step fails.
+    created: list[tuple[Tensor, dict[str, Any] | None]]
+
+
+class _NothingChanged(Exception):
+    """A step failed before changing anything; ``error`` says why."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _scalar(value: float | Tensor) -> float:
@@ -131,6 +176,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # optimizers that advertise this; the kernels unscale the grads in
     # registers and skip the whole step when found_inf is nonzero.
     _step_supports_amp_scaling = True
+    # Slots torch.optim creates lazily, so a loaded state may lack them.
+    _optional_slots: tuple[str, ...] = ()
+    # torch.optim's error for a sparse grad; None where sparse grads are supported.
+    _sparse_grad_error: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None) -> None:
         if defaults.get("differentiable"):
@@ -159,6 +208,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         and ``**step_args`` (lr and the per-step tensors, see ``_step_args``)."""
         raise NotImplementedError
 
+    def _sparse_grad_problem(self, group: dict[str, Any]) -> str | None:
+        """Why a sparse grad cannot be stepped with ``group``'s options
+        (torch.optim's message), or None."""
+        return self._sparse_grad_error
+
     # -- torch.optim.Optimizer interface ----------------------------------------
     @property
     def backend(self) -> str:
@@ -177,6 +231,50 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["_backend"] = getattr(self, "_backend", "auto")
         super().__setstate__(state)
         self._plans = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``, which checks the number and sizes
+        of the param groups, plus a check that the loaded groups and state fit
+        this optimizer and its params: else a ValueError and nothing changes
+        (load-state-dict post hooks have run by then)."""
+        previous = {"state": self.state, "param_groups": self.param_groups}
+        super().load_state_dict(state_dict)
+        try:
+            self._check_loaded_state()
+        except Exception:
+            self.__setstate__(previous)  # the load replaced these objects, it did not change them
+            raise
+
+    def _check_loaded_state(self) -> None:
+        where = f"fastopt.{type(self).__name__}.load_state_dict"
+        for g, group in enumerate(self.param_groups):
+            missing = [key for key in self.defaults if key not in group]
+            if missing:
+                raise ValueError(f"{where}: the loaded param_groups[{g}] has no {missing} (the "
+                                 "state_dict of another optimizer?); nothing was changed")
+            slot_names = self._slot_names(group)
+            required = [name for name in slot_names if name not in self._optional_slots]
+            required += ["step"] if self._counts_steps else []
+            for j, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                param = f"param_groups[{g}]['params'][{j}]"
+                missing = [key for key in required if state.get(key) is None]
+                if missing:
+                    raise ValueError(f"{where}: the loaded state of {param} has no {missing}; expected "
+                                     f"{required} (the state_dict of another optimizer, or saved with "
+                                     "other options?); nothing was changed")
+                if self._counts_steps and not isinstance(state["step"], Tensor):
+                    # A step saved as a number (older torch), converted as torch.optim does.
+                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+                problem = reference.tensor_problem(
+                    "the param", p, {f"state[{key!r}]": state[key] for key in slot_names
+                                     if state.get(key) is not None},
+                    "state['step']" if self._counts_steps else "", state.get("step"), complex_ok=True)
+                if problem is not None:
+                    raise ValueError(
+                        f"{where}: the loaded state of {param}: {problem}; nothing was changed")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -203,13 +301,83 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group, plan in zip(self.param_groups, plans):
-            for bucket in plan.buckets:
-                self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
+        try:
+            self._apply(self._step_plans())
+        except _NothingChanged as failure:
+            sparse = self._raise_for_invalid_tensors(failure.error)
+            try:
+                self._apply(self._step_plans(reference if sparse else None), checked=sparse)
+            except _NothingChanged as retry:
+                raise retry.error from None
         return loss
+
+    def _step_plans(self, kernels: Any = None) -> list[_Plan]:
+        return [self._plan(index, group, kernels) for index, group in enumerate(self.param_groups)]
+
+    def _apply(self, plans: list[_Plan], checked: bool = False) -> None:
+        """Runs every bucket of ``plans`` (``checked``: every tensor is known to
+        fit); raises ``_NothingChanged`` when it fails before changing anything."""
+        runs = [(group, bucket) for group, plan in zip(self.param_groups, plans)
+                for bucket in plan.buckets]
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
+        found_inf = getattr(self, "found_inf", None)
+        ran_any = False
+        try:
+            for _, bucket in runs:
+                if bucket.complex_tensors is not None:
+                    bucket.bind_real_views()
+            if not checked:
+                # Note [Atomic steps across buckets]: the first op checks its own
+                # tensors before changing anything; the others' are checked now.
+                for _, bucket in runs[1:]:
+                    bucket.bound.check()
+            for group, bucket in runs:
+                self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
+                ran_any = True
+        except Exception as error:
+            self.invalidate_plans()
+            if ran_any:  # tensors were checked: not a failure of the tensors
+                raise
+            self._restore_created_state(plans)
+            raise _NothingChanged(error) from error
+
+    def _restore_created_state(self, plans: list[_Plan]) -> None:
+        for plan in plans:
+            for p, before in plan.created:
+                if before is None:
+                    self.state.pop(p, None)
+                else:
+                    self.state[p].clear()
+                    self.state[p].update(before)
+
+    def _raise_for_invalid_tensors(self, error: Exception) -> bool:
+        """After a failed step, raises (from ``error``) naming the first param
+        whose grad or state does not fit it; else returns whether some grad
+        is sparse."""
+        name = type(self).__name__
+        sparse = False
+        for g, group in enumerate(self.param_groups):
+            slot_names = self._slot_names(group)
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = f"param_groups[{g}]['params'][{j}]"
+                if p.grad.is_sparse:
+                    sparse = True
+                    problem = self._sparse_grad_problem(group)
+                    if problem is not None:
+                        raise RuntimeError(f"{problem} (got a sparse grad for {where})") from error
+                state = self.state.get(p, {})
+                tensors = {"grad": p.grad, **{f"state[{key!r}]": state[key]
+                                              for key in slot_names if state.get(key) is not None}}
+                counted = self._counts_steps and "step" in state
+                problem = reference.tensor_problem(
+                    "the param", p, tensors, "state['step']" if counted else "", state.get("step"),
+                    complex_ok=True, sparse_ok=("grad",))
+                if problem is not None:
+                    raise RuntimeError(
+                        f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
+        return sparse
 
     @staticmethod
     def _step_args(group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None,
@@ -229,11 +397,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         }
 
     # -- plans ---------------------------------------------------------------
-    def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
+    def _plan(self, index: int, group: dict[str, Any], kernels: Any = None) -> _Plan:
+        """The group's cached plan, rebuilt when stale; ``kernels``: a single-use
+        plan whose buckets all run on these kernels."""
         key = (id(group), self._slot_names(group))
         plan = self._plans.get(index)
         if (
-            plan is None
+            kernels is not None
+            or plan is None
             or plan.key != key
             or plan.single_use
             or len(plan.params) != len(group["params"])
@@ -242,29 +413,33 @@ class FusedOptimizer(torch.optim.Optimizer):
             or not all(map(operator.is_, plan.params, group["params"]))
             or any(p.grad is not None for p in plan.waiting)
         ):
-            plan = self._build_plan(group, key)
+            plan = self._build_plan(group, key, kernels)
             self._plans[index] = plan
         return plan
 
-    def _build_plan(self, group: dict[str, Any], key: tuple) -> _Plan:
+    def _build_plan(self, group: dict[str, Any], key: tuple, kernels: Any = None) -> _Plan:
         slot_names = self._slot_names(group)
         required = slot_names + (("step",) if self._counts_steps else ())
-        # (device, dtype, fresh, DTensor?) -> (params, one list per slot, steps)
+        # (device, dtype, fresh, DTensor?, occurrence) -> (params, one list per slot, steps)
         lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[Tensor]]] = {}
         waiting: list[Tensor] = []
+        created: list[tuple[Tensor, dict[str, Any] | None]] = []
+        created_ids: set[int] = set()
+        occurrences: dict[int, int] = {}  # by id(param): entries seen so far
         dtensor = _dtensor_type()
         for p in group["params"]:
-            if p.is_complex():
-                raise NotImplementedError(
-                    f"fastopt.{type(self).__name__}: complex parameters are not supported yet "
-                    f"(got a {p.dtype} parameter of shape {tuple(p.shape)})"
-                )
+            occurrence = occurrences.get(id(p), 0)
+            occurrences[id(p)] = occurrence + 1
             state = self.state.get(p, {})
-            fresh = any(state.get(name) is None for name in required)
-            if fresh:
-                if p.grad is None:
-                    waiting.append(p)
-                    continue
+            # A second entry of a param whose state this step creates starts
+            # fresh too: torch.optim gathers all entries' state before stepping.
+            fresh = id(p) in created_ids or any(state.get(name) is None for name in required)
+            if fresh and p.grad is None:
+                waiting.append(p)
+                continue
+            if fresh and id(p) not in created_ids:
+                created_ids.add(id(p))
+                created.append((p, dict(state) if p in self.state else None))
                 state = self.state[p]
                 if self._counts_steps and state.get("step") is None:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32, device=_step_device(p))
@@ -274,7 +449,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state["step"] = state["step"].to(_step_device(p), torch.float32)
             sharded = dtensor is not None and isinstance(p, dtensor)
             params, slots, steps = lists.setdefault(
-                (p.device, p.dtype, fresh, sharded), ([], [[] for _ in slot_names], [])
+                (p.device, p.dtype, fresh, sharded, occurrence), ([], [[] for _ in slot_names], [])
             )
             params.append(p)
             for slot, name in zip(slots, slot_names):
@@ -282,17 +457,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self._counts_steps:
                 steps.append(state["step"])
         buckets = []
-        for (device, _, fresh, sharded), (params, slots, steps) in lists.items():
-            kernels = _extension.kernels_for(self._backend, device)
+        # Sorted by occurrence: a param's second entry steps after its first.
+        for (device, dtype, fresh, sharded, _), (params, slots, steps) in sorted(
+                lists.items(), key=lambda item: item[0][4]):
+            bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
             flat_slots = [t for slot in slots for t in slot]
-            if sharded:
-                bound = _LocalShards(kernels, params, flat_slots, steps)
+            if dtype.is_complex:
+                complex_tensors = (params, flat_slots, steps)
+                buckets.append(_Bucket(bucket_kernels, device, fresh, None, complex_tensors))
+            elif sharded:
+                bound = _LocalShards(bucket_kernels, params, flat_slots, steps)
                 buckets.append(_Bucket(reference, device, fresh, bound))
             else:
-                bound = kernels.BoundTensors(params, flat_slots, steps)
-                buckets.append(_Bucket(kernels, device, fresh, bound))
-        single_use = any(bucket.fresh for bucket in buckets)
-        return _Plan(key, list(group["params"]), buckets, waiting, single_use)
+                bound = bucket_kernels.BoundTensors(params, flat_slots, steps)
+                buckets.append(_Bucket(bucket_kernels, device, fresh, bound))
+        single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
+        return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
 
 
 __all__ = ["FusedOptimizer"]

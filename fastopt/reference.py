@@ -18,16 +18,48 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_",
-    "BoundTensors", "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_",
+    "BoundTensors", "tensor_problem",
+    "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_",
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | None],
+                   step_name: str = "", step: Tensor | None = None, *, complex_ok: bool = False,
+                   sparse_ok: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with one param's tensors, e.g. ``"grads[2] has shape [8]
+    but params[2] has shape [7]"``, or None.  The checks of csrc/validate.cpp:
+    the param is a dense tensor of a supported dtype (complex ones are stepped
+    as real pairs where ``complex_ok``), each of ``tensors`` (name: tensor) has
+    its device, dtype and shape (and is dense unless named in ``sparse_ok``),
+    and ``step`` is a one-element float tensor."""
+    if param.layout != torch.strided:
+        return f"{param_name} has layout {param.layout}; fastopt supports dense (strided) tensors only"
+    dtype = param.dtype.to_real() if complex_ok and param.is_complex() else param.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"{param_name} has dtype {param.dtype}; supported: float32, float64, float16, bfloat16"
+    for name, t in tensors.items():
+        if t is None:
+            return f"{name} is None"
+        if t.layout != torch.strided and name not in sparse_ok:
+            return f"{name} has layout {t.layout}; fastopt supports dense (strided) tensors only"
+        for what, got, expected in (("is on", t.device, param.device), ("has dtype", t.dtype, param.dtype),
+                                    ("has shape", list(t.shape), list(param.shape))):
+            if got != expected:
+                return f"{name} {what} {got} but {param_name} {what} {expected}"
+    if step_name and (not isinstance(step, Tensor) or step.numel() != 1
+                      or step.dtype not in (torch.float32, torch.float64)):
+        return f"{step_name} must be a one-element float32 or float64 tensor"
+    return None
+
+
 def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
-                 slots: dict[str, Sequence[Tensor]], state_steps: Sequence[Tensor] | None) -> None:
+                 slots: dict[str, Sequence[Tensor]], state_steps: Sequence[Tensor] | None,
+                 sparse_grads: bool = False) -> None:
     """The checks of csrc/validate.cpp: one grad, slot tensor and step per param,
-    each on the param's device with its dtype and shape."""
+    each on the param's device with its dtype and shape (``sparse_grads``: grads
+    may be sparse)."""
     n = len(params)
     lists = {"grads": grads, **slots}
     for name, tensors in lists.items():
@@ -36,30 +68,16 @@ def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     if state_steps is not None and len(state_steps) != n:
         raise RuntimeError(f"fastopt::{op}: got {n} params but {len(state_steps)} state_steps")
     for i, p in enumerate(params):
-        if p.layout != torch.strided:
-            raise RuntimeError(f"fastopt::{op}: params[{i}] has layout {p.layout}; "
-                               "fastopt supports dense (strided) tensors only")
-        if p.dtype not in _SUPPORTED_DTYPES:
-            raise RuntimeError(f"fastopt::{op}: params[{i}] has dtype {p.dtype}; "
-                               "supported: float32, float64, float16, bfloat16")
-        if p.dtype != params[0].dtype:
-            raise RuntimeError(f"fastopt::{op}: params[{i}] has dtype {p.dtype} but params[0] has "
-                               f"dtype {params[0].dtype}; one call takes tensors of one dtype")
-        for name, tensors in lists.items():
-            t = tensors[i]
-            if t.layout != torch.strided:
-                raise RuntimeError(f"fastopt::{op}: {name}[{i}] has layout {t.layout}; "
-                                   "fastopt supports dense (strided) tensors only")
-            for what, got, expected in (("is on", t.device, p.device), ("has dtype", t.dtype, p.dtype),
-                                        ("has shape", list(t.shape), list(p.shape))):
-                if got != expected:
-                    raise RuntimeError(f"fastopt::{op}: {name}[{i}] {what} {got} but params[{i}] "
-                                       f"{what} {expected}")
-        if state_steps is not None:
-            step = state_steps[i]
-            if step.numel() != 1 or step.dtype not in (torch.float32, torch.float64):
-                raise RuntimeError(f"fastopt::{op}: state_steps[{i}] must be a one-element "
-                                   "float32 or float64 tensor")
+        problem = tensor_problem(
+            f"params[{i}]", p, {f"{name}[{i}]": tensors[i] for name, tensors in lists.items()},
+            f"state_steps[{i}]" if state_steps is not None else "",
+            state_steps[i] if state_steps is not None else None,
+            sparse_ok=(f"grads[{i}]",) if sparse_grads else ())
+        if problem is None and p.dtype != params[0].dtype:
+            problem = (f"params[{i}] has dtype {p.dtype} but params[0] has dtype {params[0].dtype}; "
+                       "one call takes tensors of one dtype")
+        if problem is not None:
+            raise RuntimeError(f"fastopt::{op}: {problem}")
 
 
 def _opmath(t: Tensor) -> Tensor:
@@ -158,14 +176,15 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
     if nesterov and momentum <= 0:
         raise RuntimeError("fastopt::sgd_: nesterov needs momentum > 0")
     slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    _check_lists("sgd_", params, grads, slots, None)
+    _check_lists("sgd_", params, grads, slots, None, sparse_grads=True)
     _check_step_args("sgd_", lr_tensor, grad_scale, found_inf)
     if _amp_skips(found_inf):
         return
     lr = _lr(lr, lr_tensor)
     for i, param in enumerate(params):
         p = _opmath(param)
-        g = _grad(grads[i], maximize, grad_scale)
+        # A sparse grad adds zeros elsewhere: torch.optim's sparse update, element for element.
+        g = _grad(grads[i].to_dense() if grads[i].is_sparse else grads[i], maximize, grad_scale)
         if weight_decay != 0:
             g = g + weight_decay * p
         direction = g
@@ -233,15 +252,23 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
 
         g = -g if maximize;  g += wd*p;  s += g*g
         p += -lr/(1 + (t - 1)*lr_decay) * g / (sqrt(s) + eps)
+
+    A sparse grad (torch.optim's sparse Adagrad, no weight decay) updates ``s``
+    and ``p`` at its indices only.
     """
-    _check_lists("adagrad_", params, grads, {"state_sums": state_sums}, state_steps)
+    _check_lists("adagrad_", params, grads, {"state_sums": state_sums}, state_steps, sparse_grads=True)
     _check_step_args("adagrad_", lr_tensor, grad_scale, found_inf)
+    if weight_decay != 0 and any(g.is_sparse for g in grads):
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
     if _amp_skips(found_inf):
         return
     lr = _lr(lr, lr_tensor)
     for i, param in enumerate(params):
         step = _increment(state_steps[i])
         clr = lr / (1 + (step - 1) * lr_decay)
+        if grads[i].is_sparse:
+            _adagrad_sparse(param, grads[i], state_sums[i], clr, eps, maximize)
+            continue
         p, state_sum = _opmath(param), _opmath(state_sums[i])
         g = _grad(grads[i], maximize, grad_scale)
         if weight_decay != 0:
@@ -250,6 +277,19 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
         _store(state_sums[i], state_sum)
         p.add_(g / state_sum.sqrt().add_(eps), alpha=-clr)
         _store(param, p)
+
+
+def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, eps: float,
+                    maximize: bool) -> None:
+    """torch.optim.Adagrad's update for a sparse grad, in the tensors' dtype as torch does."""
+    grad = (-grad if maximize else grad).coalesce()  # the update is non-linear: unique indices
+    indices, values = grad._indices(), grad._values()
+    def at_indices(new_values: Tensor) -> Tensor:
+        return torch.sparse_coo_tensor(indices, new_values, grad.shape, check_invariants=False)
+
+    state_sum.add_(at_indices(values.pow(2)))
+    std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
+    param.add_(at_indices(values / std_values), alpha=-clr)
 
 
 class BoundTensors:
@@ -281,6 +321,16 @@ class BoundTensors:
         slots = [[slot[i] for i in keep] for slot in self.slots]
         steps = [self.steps[i] for i in keep] if self.steps else []
         return params, [p.grad for p in params], slots, steps
+
+    def check(self) -> None:
+        """Checks this step's tensors as the bucket's op will, before another
+        bucket's op runs (Note [Atomic steps across buckets] in csrc/bound_ops.cpp)."""
+        tensors = self.step_tensors()
+        if tensors is not None:
+            params, grads, slots, steps = tensors
+            _check_lists("BoundTensors.check", params, grads,
+                         {f"state_slots{k}": slot for k, slot in enumerate(slots)},
+                         steps if self.steps else None)
 
 
 def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:

@@ -12,6 +12,8 @@ class RMSprop(FusedOptimizer):
     """Drop-in for :class:`torch.optim.RMSprop`; see :class:`fastopt.Adam` for
     the keyword-only ``backend``."""
 
+    _sparse_grad_error = "RMSprop does not support sparse gradients"
+
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,

@@ -11,9 +11,11 @@ from .optimizer import FusedOptimizer
 class SGD(FusedOptimizer):
     """Drop-in for :class:`torch.optim.SGD`; see :class:`fastopt.Adam` for the
     keyword-only ``backend``.  The momentum buffer starts as a copy of the
-    first gradient, as in torch.optim."""
+    first gradient, as in torch.optim.  Sparse grads run on the reference
+    (see Note [Failed steps] in optimizer.py)."""
 
     _counts_steps = False
+    _optional_slots = ("momentum_buffer",)  # torch.optim creates it on the first momentum step
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
