@@ -3,8 +3,11 @@
 Measures one optimizer step of fastopt (fused kernels and the pure-PyTorch
 reference) against torch.optim (for-loop, foreach, fused), DeepSpeed's CPU
 optimizers when importable, and the roofline op ``torch.ops.fastopt.roofline_bound_``
-(the same streams moved with trivial arithmetic), all in one run; writes
-results.json, report.md and PNG plots (DESIGN.md, section Benchmarks).
+(the same streams moved with trivial arithmetic), all in one run, plus the
+device's copy bandwidth (``dst.copy_(src)`` far beyond the cache) as a
+reference; writes results.json, report.md and PNG plots (DESIGN.md, section
+Benchmarks).  ``bench/gpu_run.sh [OUT]`` is issue #3's GPU measurement in one
+command (its report.md has a Targets table).
 
 Modules: workloads (parameter shape lists), optimizers (option sets and the
 state tensors they keep), implementations (how each implementation builds a

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmarks one optimizer step of fastopt against torch.optim (for-loop, foreach, "
-                    "fused), DeepSpeed's CPU optimizers when importable, and the roofline op; writes "
-                    "results.json, report.md and PNG plots into --out.",
+                    "fused), DeepSpeed's CPU optimizers when importable, and the roofline op, with the "
+                    "device's copy bandwidth as a reference; writes results.json, report.md and PNG "
+                    "plots into --out.  On a GPU, bench/gpu_run.sh runs issue #3's measurements.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
@@ -126,15 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load_average()
     started = time.perf_counter()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    print(f"python -m bench: measuring the {device.type} copy bandwidth (reference)", file=sys.stderr)
-    try:
-        copy_bw = timing.copy_bandwidth(device, llc_bytes, config.policy)
-        copy_bw["device_name"] = system.device_name(device)
-    except Exception as error:  # e.g. no memory for the buffers: run without the reference
-        copy_bw = None
-        notes.add(f"copy bandwidth not measured: {type(error).__name__}: "
-                  f"{(str(error).splitlines() or [''])[0][:200]}")
-    rows = runner.run(config, llc_bytes, notes, copy_gbps=copy_bw and copy_bw["gbps"])
+    copy_start = _copy_bandwidth(device, llc_bytes, config.policy, notes, "start")
+    rows = runner.run(config, llc_bytes, notes)
+    copy_end = _copy_bandwidth(device, llc_bytes, config.policy, notes, "end")
+    copy_bw = _copy_reference(copy_start, copy_end, device)
+    runner.set_copy_fraction(rows, copy_bw and copy_bw["gbps"])
     runtime = time.perf_counter() - started
 
     out: Path = args.out
@@ -172,6 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _copy_bandwidth(device: torch.device, llc_bytes: int, policy: timing.Policy, notes: runner.Notes,
+                    when: str) -> dict | None:
+    print(f"python -m bench: copy bandwidth of {device.type} ({when} of the run)", file=sys.stderr)
+    try:
+        return timing.copy_bandwidth(device, llc_bytes, policy)
+    except Exception as error:  # e.g. no memory for the buffers: run without the reference
+        notes.add(f"copy bandwidth not measured at the {when}: {type(error).__name__}: "
+                  f"{(str(error).splitlines() or [''])[0][:200]}")
+        return None
+
+
+def _copy_reference(start: dict | None, end: dict | None, device: torch.device) -> dict | None:
+    """The copy bandwidth the rows are compared with: the faster of the
+    measurements at the start and at the end of the run (a drop between them
+    means the device was shared or throttled), both kept under start / end."""
+    measured = [m for m in (start, end) if m is not None]
+    if not measured:
+        return None
+    best = max(measured, key=lambda m: m["gbps"])
+    return {**best, "device_name": system.device_name(device), "start": start, "end": end,
+            "chosen": "start" if best is start else "end"}
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -186,9 +206,9 @@ def method_text(config: runner.Config, llc_bytes: int) -> list[str]:
     return [
         "Copy bandwidth (the device's reference): `dst.copy_(src)` of two buffers far beyond the "
         "last-level cache (1 GiB each on CUDA; ≥ 4× LLC and ≥ 256 MiB on CPU), bytes moved = read + "
-        "write = 2 × size, median of repeated copies after warm-up, timed like the steps, once at the "
-        "start of the run.  **% copy BW** = a row's GB/s (the bytes the optimizer must move per step) "
-        "/ that bandwidth.",
+        "write = 2 × size, median of repeated copies after warm-up, timed like the steps; measured at "
+        "the start and at the end of the run, the faster median is the reference.  **% copy BW** = "
+        "a row's GB/s (the bytes the optimizer must move per step) / that bandwidth.",
         "Timing: params and grads are random normal; the first step creates optimizer state (untimed), "
         "then untimed warm-up steps (≥1, ~0.2 s; the first one measures memory), then "
         f"{repeats}; median, min and max of per-step times (time.perf_counter on CPU; CUDA events "

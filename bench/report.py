@@ -105,7 +105,9 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                  f"- **Copy bandwidth** (reference): **{copy['gbps']:.1f} GB/s** median "
                  f"(best {copy['gbps_best']:.1f}) — `dst.copy_(src)` of {copy['buffer_bytes'] / 2**20:.0f} MiB, "
                  f"{copy['bytes_per_copy'] / 2**20:.0f} MiB moved per copy (read + write), "
-                 f"median {copy['median_ms']:.3g} ms of {copy['repeats']}")
+                 f"median {copy['median_ms']:.3g} ms of {copy['repeats']}; "
+                 + " / ".join(f"{when} of the run: {copy[when]['gbps']:.1f}"
+                              for when in ("start", "end") if copy.get(when)) + " GB/s")
     lines += [
         "# fastopt optimizer-step benchmark",
         "",

@@ -161,17 +161,17 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
                 continue
             max_repeats[impl] = config.reference_max_repeats
             n = 1
-        if budget is not None:
-            need = n * spec.slots * set_bytes
-            if need > budget:
-                notes.add(f"{impl} skipped: its state ({need / 2**30:.1f} GiB) does not fit in the GPU "
-                          "memory left by the implementations before it", place)
-                continue
-            budget -= need
+        need = n * spec.slots * set_bytes if budget is not None else 0
+        if budget is not None and need > budget:
+            notes.add(f"{impl} skipped: its state ({need / 2**30:.1f} GiB) does not fit in the GPU "
+                      "memory left by the implementations before it", place)
+            continue
         progress.show(f"{label}: build {impl}")
         try:
             cases[impl] = [build_step(impl, spec, params) for params in sets.get(n)]
             impl_copies[impl] = n
+            if budget is not None:
+                budget -= need
         except Unsupported as why:
             notes.add(f"{impl}: {why}", place)
         except Exception as error:  # an implementation failing must not stop the run
@@ -192,25 +192,27 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
             for impl in config.impls if impl in measured]
 
 
-def _derive(rows: list[dict[str, Any]], copy_gbps: float | None = None) -> None:
-    """Fills roofline_fraction, copy_bw_fraction and speedup_vs_torch within
-    one (workload, dtype, option set) group."""
+def _derive(rows: list[dict[str, Any]]) -> None:
+    """Fills roofline_fraction and speedup_vs_torch within one
+    (workload, dtype, option set) group."""
     roofline = next((r["median_ms"] for r in rows if r["impl"] == "roofline"), None)
     torch_times = [r["median_ms"] for r in rows if r["impl"] in TORCH_IMPLS]
     best_torch = min(torch_times) if torch_times else None
     for r in rows:
-        if copy_gbps:
-            r["copy_bw_fraction"] = r["gbps"] / copy_gbps
         if roofline is not None:
             r["roofline_fraction"] = roofline / r["median_ms"]
         if best_torch is not None:
             r["speedup_vs_torch"] = best_torch / r["median_ms"]
 
 
-def run(config: Config, llc_bytes: int, notes: Notes,
-        copy_gbps: float | None = None) -> list[dict[str, Any]]:
-    """Every row; ``copy_gbps`` (the device's copy bandwidth,
-    timing.copy_bandwidth) sets each row's copy_bw_fraction."""
+def set_copy_fraction(rows: list[dict[str, Any]], copy_gbps: float | None) -> None:
+    """copy_bw_fraction of every row: its GB/s over the device's copy bandwidth
+    (timing.copy_bandwidth)."""
+    for r in rows:
+        r["copy_bw_fraction"] = r["gbps"] / copy_gbps if copy_gbps else None
+
+
+def run(config: Config, llc_bytes: int, notes: Notes) -> list[dict[str, Any]]:
     workloads = [WORKLOADS[name] for name in config.workloads]
     specs = [SPECS[key] for key in config.optimizers]
     progress = Progress(len(workloads) * len(config.dtypes) * len(specs))
@@ -226,7 +228,7 @@ def run(config: Config, llc_bytes: int, notes: Notes,
                         footprint, llc_bytes, config.rotation_factor)
                     group = _measure_group(config, spec, workload, dtype_name, sets, copies, notes,
                                            progress)
-                    _derive(group, copy_gbps)
+                    _derive(group)
                     rows.extend(group)
                     progress.advance()
                 del sets
@@ -247,4 +249,4 @@ def cache_policy_text(llc_bytes: int, factor: int) -> str:
             "multiply its long run time).")
 
 
-__all__ = ["Config", "Notes", "run", "DTYPES", "cache_policy_text"]
+__all__ = ["Config", "Notes", "run", "set_copy_fraction", "DTYPES", "cache_policy_text"]
