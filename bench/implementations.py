@@ -97,7 +97,7 @@ def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     fresh slots per param (K = the optimizer's state tensors per param), bound
     once like the optimizers' own step so both pay the same per-step cost."""
     slots = [torch.zeros_like(p) for _ in range(spec.slots) for p in params]
-    bound = torch.classes.fastopt.BoundTensors(params, slots, [])
+    bound = torch.classes.fastopt.BoundTensors(params, slots, [], [])
     op = torch.ops.fastopt.roofline_bound_
     return lambda: op(bound)
 

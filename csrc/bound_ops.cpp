@@ -33,17 +33,23 @@ namespace {
 struct BoundTensors : torch::CustomClassHolder {
   std::vector<at::Tensor> params;
   std::vector<at::Tensor> slots;  // slot-major: slot k of param i at k * params.size() + i
-  std::vector<at::Tensor> steps;  // empty for rules that count no steps
+  std::vector<at::Tensor> steps;    // empty for rules that count no steps
+  std::vector<at::Tensor> masters;  // float32 master copies of the params, or empty
 
   BoundTensors(std::vector<at::Tensor> params_, std::vector<at::Tensor> slots_,
-               std::vector<at::Tensor> steps_)
-      : params(std::move(params_)), slots(std::move(slots_)), steps(std::move(steps_)) {
+               std::vector<at::Tensor> steps_, std::vector<at::Tensor> masters_)
+      : params(std::move(params_)),
+        slots(std::move(slots_)),
+        steps(std::move(steps_)),
+        masters(std::move(masters_)) {
     const size_t n = params.size();
     TORCH_CHECK(n == 0 ? slots.empty() : slots.size() % n == 0,
                 "fastopt.BoundTensors: slots must hold whole lists of ", n, " tensors, got ",
                 slots.size());
     TORCH_CHECK(steps.empty() || steps.size() == n, "fastopt.BoundTensors: got ", n,
                 " params but ", steps.size(), " steps");
+    TORCH_CHECK(masters.empty() || masters.size() == n, "fastopt.BoundTensors: got ", n,
+                " params but ", masters.size(), " master copies");
   }
 };
 
@@ -72,16 +78,18 @@ class StepTensors {
       params_ = bound.params;
       slots_ = bound.slots;
       steps_ = bound.steps;
+      masters_ = bound.masters;
       return;
     }
     std::vector<at::Tensor> grads;
     for (size_t i : with_grad) grads.push_back(std::move(grads_[i]));
     grads_ = std::move(grads);
     // Copies of the handles (not the data) of the params that have a grad.
-    std::vector<at::Tensor> params, slots, steps;
+    std::vector<at::Tensor> params, slots, steps, masters;
     for (size_t i : with_grad) {
       params.push_back(bound.params[i]);
       if (!bound.steps.empty()) steps.push_back(bound.steps[i]);
+      if (!bound.masters.empty()) masters.push_back(bound.masters[i]);
     }
     for (size_t k = 0; k < num_slots_; ++k) {
       for (size_t i : with_grad) slots.push_back(bound.slots[k * n + i]);
@@ -89,9 +97,11 @@ class StepTensors {
     owned_params_ = std::move(params);
     owned_slots_ = std::move(slots);
     owned_steps_ = std::move(steps);
+    owned_masters_ = std::move(masters);
     params_ = owned_params_;
     slots_ = owned_slots_;
     steps_ = owned_steps_;
+    masters_ = owned_masters_;
   }
 
   bool empty() const { return params_.empty(); }
@@ -106,6 +116,7 @@ class StepTensors {
   at::TensorList params() const { return params_; }
   at::TensorList grads() const { return grads_; }
   at::TensorList steps() const { return steps_; }
+  at::TensorList masters() const { return masters_; }
   at::TensorList slots() const { return slots_; }  // slot-major, as bound
   // Slot k's list, or an empty list for a slot the rule does not have.
   at::TensorList slot(size_t k) const {
@@ -113,8 +124,8 @@ class StepTensors {
   }
 
  private:
-  std::vector<at::Tensor> grads_, owned_params_, owned_slots_, owned_steps_;
-  at::TensorList params_, slots_, steps_;
+  std::vector<at::Tensor> grads_, owned_params_, owned_slots_, owned_steps_, owned_masters_;
+  at::TensorList params_, slots_, steps_, masters_;
   size_t num_slots_ = 0;
 };
 
@@ -124,41 +135,38 @@ c10::TypedOperatorHandle<Signature> list_op(const char* name) {
 }
 
 using TL = at::TensorList;
-using OT = std::optional<at::Tensor>;
 
 void adam_bound(const Bound& bound, double lr, double beta1, double beta2, double eps,
                 double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                const OT& lr_tensor, const OT& grad_scale, const OT& found_inf) {
+                FASTOPT_BOUND_STEP_PARAMS) {
   static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
-                                bool, bool, bool, const OT&, const OT&, const OT&)>(
+                                bool, bool, bool, FASTOPT_STEP_TYPES)>(
       "fastopt::adam_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
-          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor, grad_scale,
-          found_inf);
+          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
   t.bump_param_versions();
 }
 
 void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
                double weight_decay, bool nesterov, bool maximize, bool first_momentum_step,
-               const OT& lr_tensor, const OT& grad_scale, const OT& found_inf) {
+               FASTOPT_BOUND_STEP_PARAMS) {
   static auto op = list_op<void(TL, TL, TL, double, double, double, double, bool, bool, bool,
-                                const OT&, const OT&, const OT&)>("fastopt::sgd_");
+                                FASTOPT_STEP_TYPES)>("fastopt::sgd_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), lr, momentum, dampening, weight_decay, nesterov,
-          maximize, first_momentum_step, lr_tensor, grad_scale, found_inf);
+          maximize, first_momentum_step, lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
   t.bump_param_versions();
 }
 
 void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, double weight_decay,
-                   double momentum, bool centered, bool maximize, const OT& lr_tensor,
-                   const OT& grad_scale, const OT& found_inf) {
+                   double momentum, bool centered, bool maximize, FASTOPT_BOUND_STEP_PARAMS) {
   static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
-                                bool, bool, const OT&, const OT&, const OT&)>(
+                                bool, bool, FASTOPT_STEP_TYPES)>(
       "fastopt::rmsprop_");
   const StepTensors t(*bound);
   if (t.empty()) return;
@@ -166,21 +174,19 @@ void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, doub
   // Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
   const size_t momentum_slot = centered ? 2 : 1;
   op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
-          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize, lr_tensor,
-          grad_scale, found_inf);
+          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize, lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
   t.bump_param_versions();
 }
 
 void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight_decay,
-                   double eps, bool maximize, const OT& lr_tensor, const OT& grad_scale,
-                   const OT& found_inf) {
-  static auto op = list_op<void(TL, TL, TL, TL, double, double, double, double, bool, const OT&,
-                                const OT&, const OT&)>("fastopt::adagrad_");
+                   double eps, bool maximize, FASTOPT_BOUND_STEP_PARAMS) {
+  static auto op = list_op<void(TL, TL, TL, TL, double, double, double, double, bool,
+                                FASTOPT_STEP_TYPES)>("fastopt::adagrad_");
   const StepTensors t(*bound);
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize,
-          lr_tensor, grad_scale, found_inf);
+          lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
   t.bump_param_versions();
 }
 
@@ -210,11 +216,13 @@ void check_step_tensors(const BoundTensors& bound) {
   const size_t num_slots = t.slots().size() / t.params().size();
   for (size_t k = 0; k < num_slots; ++k) slots.push_back({"state_slots", t.slot(k)});
   const bool counts_steps = !t.steps().empty();
-  check_list_lengths(kWhat, t.params(), t.grads(), slots, t.steps(), counts_steps);
+  check_list_lengths(kWhat, t.params(), t.grads(), slots, t.steps(), counts_steps, t.masters());
   const c10::DeviceType device_type = t.params()[0].device().type();
+  const at::ScalarType state_dtype = state_dtype_of(t.params(), slots, !t.masters().empty());
   at::parallel_for(0, int64_t(t.params().size()), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      check_tensors_at(kWhat, i, t.params(), t.grads(), slots, t.steps(), counts_steps, device_type);
+      check_tensors_at(kWhat, i, t.params(), t.grads(), slots, t.steps(), counts_steps, device_type,
+                       state_dtype, t.masters());
     }
   });
 }
@@ -223,26 +231,27 @@ void check_step_tensors(const BoundTensors& bound) {
 
 TORCH_LIBRARY_FRAGMENT(fastopt, m) {
   m.class_<BoundTensors>("BoundTensors")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>>())
       .def("check", [](const Bound& self) { check_step_tensors(*self); });
   m.def(
       "adam_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
-      "bool maximize, " FASTOPT_STEP_ARGS ") -> ()",
+      "bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
       &adam_bound);
   m.def(
       "sgd_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_momentum_step, " FASTOPT_STEP_ARGS ") -> ()",
+      "bool first_momentum_step, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
       &sgd_bound);
   m.def(
       "rmsprop_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
       "float alpha, float eps, float weight_decay, float momentum, bool centered, "
-      "bool maximize, " FASTOPT_STEP_ARGS ") -> ()",
+      "bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
       &rmsprop_bound);
   m.def(
       "adagrad_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
-      "float lr_decay, float weight_decay, float eps, bool maximize, " FASTOPT_STEP_ARGS ") -> ()",
+      "float lr_decay, float weight_decay, float eps, bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
       &adagrad_bound);
   // The roofline through the same per-step path as the optimizers (bench/).
   m.def("roofline_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> ()",

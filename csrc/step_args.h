@@ -1,5 +1,6 @@
-// The per-step tensors every optimizer op takes besides its lists (see
-// Note [fastopt op schemas]): a tensor lr and AMP's grad_scale / found_inf.
+// The per-step arguments every optimizer op takes besides its lists (see
+// Note [fastopt op schemas]): a tensor lr, AMP's grad_scale / found_inf,
+// float32 master copies of the params and the stochastic rounding seed.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,20 +8,42 @@
 #include <optional>
 
 // The schema text of those arguments, shared by the list and bound ops.
-#define FASTOPT_STEP_ARGS "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None"
+#define FASTOPT_STEP_ARGS                                                                   \
+  "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "               \
+  "Tensor(z!)[]? master_params=None, int? rounding_seed=None"
+
+// The bound ops (bound_ops.cpp) take the same but master_params, which are
+// bound with the other tensors.
+#define FASTOPT_BOUND_STEP_ARGS                                                             \
+  "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "               \
+  "int? rounding_seed=None"
+#define FASTOPT_BOUND_STEP_PARAMS                                                           \
+  const std::optional<at::Tensor>&lr_tensor, const std::optional<at::Tensor>&grad_scale,   \
+      const std::optional<at::Tensor>&found_inf, std::optional<int64_t> rounding_seed
+
+// The same as C++ parameters of an op implementation, and their names in order
+// (to forward them or build a StepArgs).
+#define FASTOPT_STEP_PARAMS                                                                 \
+  const std::optional<at::Tensor>&lr_tensor, const std::optional<at::Tensor>&grad_scale,   \
+      const std::optional<at::Tensor>&found_inf, std::optional<at::TensorList> master_params, \
+      std::optional<int64_t> rounding_seed
+#define FASTOPT_STEP_VALUES \
+  lr_tensor, grad_scale, found_inf, master_params.value_or(at::TensorList()), rounding_seed
+// Their types, for typed operator handles.
+#define FASTOPT_STEP_TYPES                                                                  \
+  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,                       \
+      const std::optional<at::Tensor>&, std::optional<at::TensorList>, std::optional<int64_t>
 
 namespace fastopt {
 
 struct StepArgs {
   std::optional<at::Tensor> lr_tensor, grad_scale, found_inf;
+  at::TensorList master_params;          // empty: the params are updated directly
+  std::optional<int64_t> rounding_seed;  // bfloat16 params: stochastic rounding
 };
 
 // Checks that each given tensor holds one floating-point element; throws
 // naming it.  Runs with the other checks, before anything is written.
 void check_step_args(const char* op, const StepArgs& args);
-
-// Where a step's tensor argument lives: absent, readable on the host, or on
-// a device (read by the kernels there).
-inline bool on_host(const std::optional<at::Tensor>& t) { return t.has_value() && t->is_cpu(); }
 
 }  // namespace fastopt

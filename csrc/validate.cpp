@@ -17,14 +17,18 @@ bool supported_dtype(at::ScalarType t) {
 }
 
 void check_like_param(const char* op, const char* list, size_t i, const at::Tensor& t,
-                      const at::Tensor& param) {
+                      const at::Tensor& param, at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), op, ": ", list, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", list, "[", i, "] has layout ", t.layout(),
               "; fastopt supports dense (strided) tensors only");
   TORCH_CHECK(t.device() == param.device(), op, ": ", list, "[", i, "] is on ", t.device(),
               " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
-              t.scalar_type(), " but params[", i, "] has dtype ", param.scalar_type());
+  if (t.scalar_type() != dtype) {
+    TORCH_CHECK(dtype != param.scalar_type(), op, ": ", list, "[", i, "] has dtype ",
+                t.scalar_type(), " but params[", i, "] has dtype ", param.scalar_type());
+    TORCH_CHECK(false, op, ": ", list, "[", i, "] has dtype ", t.scalar_type(), " but ", dtype,
+                " was expected (params[", i, "] has dtype ", param.scalar_type(), ")");
+  }
   TORCH_CHECK(t.sizes() == param.sizes(), op, ": ", list, "[", i, "] has shape ", t.sizes(),
               " but params[", i, "] has shape ", param.sizes());
 }
@@ -33,9 +37,11 @@ void check_like_param(const char* op, const char* list, size_t i, const at::Tens
 
 void check_list_lengths(const char* op, at::TensorList params, at::TensorList grads,
                         const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                        bool counts_steps) {
+                        bool counts_steps, at::TensorList master_params) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
+  TORCH_CHECK(master_params.empty() || master_params.size() == n, op, ": got ", n,
+              " params but ", master_params.size(), " master_params");
   for (const auto& slot : slots) {
     TORCH_CHECK(slot.tensors.size() == n, op, ": got ", n, " params but ", slot.tensors.size(), " ",
                 slot.name);
@@ -48,7 +54,8 @@ void check_list_lengths(const char* op, at::TensorList params, at::TensorList gr
 
 void check_tensors_at(const char* op, size_t i, at::TensorList params, at::TensorList grads,
                       const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                      bool counts_steps, c10::DeviceType device_type) {
+                      bool counts_steps, c10::DeviceType device_type,
+                      at::ScalarType state_dtype, at::TensorList master_params) {
   const at::Tensor& p = params[i];
   TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
   TORCH_CHECK(p.device().type() == device_type, op, ": params[", i, "] is on ", p.device(),
@@ -60,8 +67,9 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
   TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] has dtype ",
               p.scalar_type(), " but params[0] has dtype ", params[0].scalar_type(),
               "; one call takes tensors of one dtype");
-  check_like_param(op, "grads", i, grads[i], p);
-  for (const auto& slot : slots) check_like_param(op, slot.name, i, slot.tensors[i], p);
+  check_like_param(op, "grads", i, grads[i], p, p.scalar_type());
+  for (const auto& slot : slots) check_like_param(op, slot.name, i, slot.tensors[i], p, state_dtype);
+  if (!master_params.empty()) check_like_param(op, "master_params", i, master_params[i], p, at::kFloat);
   if (counts_steps) {
     const at::Tensor& step = state_steps[i];
     TORCH_CHECK(step.defined() && step.numel() == 1 &&
@@ -70,6 +78,29 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
     TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
                 "] is on ", step.device(), " but params[", i, "] is on ", p.device());
   }
+}
+
+at::ScalarType state_dtype_of(at::TensorList params, const std::vector<NamedTensorList>& slots,
+                              bool master_copies) {
+  if (slots.empty()) return master_copies ? at::kFloat : params[0].scalar_type();
+  const at::Tensor& first = slots[0].tensors.empty() ? at::Tensor() : slots[0].tensors[0];
+  return first.defined() ? first.scalar_type() : params[0].scalar_type();
+}
+
+void check_storage(const char* op, at::ScalarType param_dtype, at::ScalarType state_dtype,
+                   bool master_copies, bool stochastic_rounding) {
+  const bool low_precision = param_dtype == at::kHalf || param_dtype == at::kBFloat16;
+  TORCH_CHECK(state_dtype == param_dtype || state_dtype == at::kFloat || state_dtype == at::kBFloat16,
+              op, ": state of dtype ", state_dtype, " for params of dtype ", param_dtype,
+              "; supported: the params' dtype, float32 or bfloat16");
+  TORCH_CHECK(!master_copies || low_precision, op, ": master_params are for float16 / bfloat16 "
+              "params, got params of dtype ", param_dtype);
+  TORCH_CHECK(!master_copies || state_dtype == at::kFloat || state_dtype == at::kBFloat16, op,
+              ": with master_params the state must be float32 or bfloat16, got ", state_dtype);
+  TORCH_CHECK(!stochastic_rounding || (param_dtype == at::kBFloat16 && !master_copies), op,
+              ": rounding_seed (stochastic rounding) is for bfloat16 params without "
+              "master_params, got params of dtype ", param_dtype,
+              master_copies ? " with master_params" : "");
 }
 
 void check_step_args(const char* op, const StepArgs& args) {

@@ -18,18 +18,36 @@ struct NamedTensorList {
   at::TensorList tensors;
 };
 
-// Checks that grads, every slot list and (when counting steps) state_steps
-// hold one tensor per param; throws naming the list.
+// Checks that grads, every slot list, master_params (unless empty) and (when
+// counting steps) state_steps hold one tensor per param; throws naming the
+// list.
 void check_list_lengths(const char* op, at::TensorList params, at::TensorList grads,
                         const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                        bool counts_steps);
+                        bool counts_steps, at::TensorList master_params = {});
+
+// The dtype of a call's state slots (Note [Storage of a step] in
+// cpu/multi_tensor_apply.h): the first slot tensor's; when the rule keeps
+// none, float32 with master copies, else the params'.  Call with at least
+// one param.
+at::ScalarType state_dtype_of(at::TensorList params, const std::vector<NamedTensorList>& slots,
+                              bool master_copies);
+
+// Checks that the drivers support the storage of a call: state of the
+// params' dtype, float32 or bfloat16; master copies for float16 / bfloat16
+// params only, with float32 or bfloat16 state; stochastic rounding for
+// bfloat16 params without master copies.
+void check_storage(const char* op, at::ScalarType param_dtype, at::ScalarType state_dtype,
+                   bool master_copies, bool stochastic_rounding);
 
 // Checks the tensors at index i: the param is a supported dense tensor of
-// params[0]'s dtype on device_type, and its grad and slot tensors have its
-// device, dtype and shape (its step: one float element); throws naming the
-// list and index.  Independent per index, so callers may check in parallel.
+// params[0]'s dtype on device_type; its grad has its device, dtype and
+// shape, its slot tensors its device and shape and dtype state_dtype, its
+// master copy (when given) its device and shape and dtype float32, its step
+// one float element; throws naming the list and index.  Independent per
+// index, so callers may check in parallel.
 void check_tensors_at(const char* op, size_t i, at::TensorList params, at::TensorList grads,
                       const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                      bool counts_steps, c10::DeviceType device_type);
+                      bool counts_steps, c10::DeviceType device_type,
+                      at::ScalarType state_dtype, at::TensorList master_params = {});
 
 }  // namespace fastopt

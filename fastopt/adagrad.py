@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, large_model_options
 
 
 class Adagrad(FusedOptimizer):
@@ -17,7 +17,8 @@ class Adagrad(FusedOptimizer):
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -43,7 +44,8 @@ class Adagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend,
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
@@ -66,7 +68,7 @@ class Adagrad(FusedOptimizer):
             value = group["initial_accumulator_value"]
             if param.is_complex():  # both halves of each (real, imaginary) pair, as torch.optim does
                 value = complex(value, value)
-            state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+            state["sum"] = self._new_slot(group, param, value)
 
     def _sparse_grad_problem(self, group):
         if group["weight_decay"] != 0:

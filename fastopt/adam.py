@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, _scalar
+from .optimizer import FusedOptimizer, large_model_options, _scalar
 
 
 class Adam(FusedOptimizer):
@@ -24,7 +24,8 @@ class Adam(FusedOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
                 raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -65,7 +66,8 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend,
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -84,7 +86,7 @@ class Adam(FusedOptimizer):
     def _init_slots(self, group, param, state):
         for name in self._slot_names(group):
             if name not in state:
-                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state[name] = self._new_slot(group, param)
 
     def _run(self, group, bucket, step_args):
         beta1, beta2 = group["betas"]
@@ -103,10 +105,13 @@ class AdamW(Adam):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None) -> None:
+                 fused: bool | None = None, backend: str | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=True, backend=backend)
+                         fused=fused, decoupled_weight_decay=True, backend=backend,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -70,6 +70,7 @@ class _Bucket:
 
     kernels: Any  # fastopt.reference or the compiled ops (fastopt._extension)
     device: torch.device
+    dtype: torch.dtype
     fresh: bool  # holds params whose state was created this step
     # kernels.BoundTensors(params, slot-major state slots, steps), or for
     # DTensor params a _LocalShards with the list ops (kernels is the reference)
@@ -86,7 +87,7 @@ class _Bucket:
             if p.grad is not None:
                 view.grad = torch.view_as_real(p.grad)
             views.append(view)
-        self.bound = self.kernels.BoundTensors(views, [torch.view_as_real(t) for t in slots], steps)
+        self.bound = self.kernels.BoundTensors(views, [torch.view_as_real(t) for t in slots], steps, [])
 
 
 @dataclass
@@ -99,6 +100,56 @@ class _Plan:
     # The state of each param whose state this plan's build created or
     # completed, as it was before: restored if the step fails.
     created: list[tuple[Tensor, dict[str, Any] | None]]
+
+
+# Note [Large-model options]
+# Keyword-only options of every fastopt optimizer, for all its params.  They
+# are attributes of the optimizer, not param-group keys: param_groups stay
+# exactly torch.optim's, so checkpoints (torch.distributed.checkpoint
+# included) load both ways.
+#   master_weights   float16 / bfloat16 params get a float32 copy in their
+#                    state ("master_param") that the kernels update; the param
+#                    receives its rounding.  Other params are unaffected.
+#   state_dtype      dtype of the state slots (float32 or bfloat16); None:
+#                    float32 with master weights, else the param's dtype.
+#   stochastic_rounding  bfloat16 params without master weights are stored
+#                    with stochastic rounding (Note [Stochastic rounding]).
+# Complex params keep their dtype for all of these.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def large_model_options(master_weights: bool, state_dtype: torch.dtype | None,
+                        stochastic_rounding: bool) -> dict[str, Any]:
+    """The checked options of Note [Large-model options]."""
+    if state_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"Invalid state_dtype: {state_dtype} (supported: None, torch.float32, "
+                         "torch.bfloat16)")
+    if master_weights and stochastic_rounding:
+        raise ValueError("master_weights and stochastic_rounding exclude each other: with master "
+                         "weights the float32 copy carries the precision")
+    return {"master_weights": bool(master_weights), "state_dtype": state_dtype,
+            "stochastic_rounding": bool(stochastic_rounding)}
+
+
+def _has_master(options: dict[str, Any], param: Tensor) -> bool:
+    return options["master_weights"] and param.dtype in _LOW_PRECISION
+
+
+def _slot_dtype(options: dict[str, Any], param: Tensor) -> torch.dtype:
+    """The dtype of ``param``'s state slots (Note [Large-model options])."""
+    if not param.is_floating_point():
+        return param.dtype
+    if options["state_dtype"] is not None:
+        return options["state_dtype"]
+    return torch.float32 if _has_master(options, param) else param.dtype
+
+
+def _rounding_seed(options: dict[str, Any], dtype: torch.dtype) -> int | None:
+    """A fresh seed from torch's default generator when the bucket's params
+    are stored with stochastic rounding, else None."""
+    if options["stochastic_rounding"] and dtype == torch.bfloat16 and not options["master_weights"]:
+        return int(torch.randint(2**31, (), dtype=torch.int64).item())
+    return None
 
 
 class _NothingChanged(Exception):
@@ -144,15 +195,16 @@ class _LocalShards(reference.BoundTensors):
     ``ops`` (the compiled ops or the reference): each step runs them on the
     local shards (Note [Step plans])."""
 
-    def __init__(self, ops: Any, params: list[Tensor], slots: list[Tensor], steps: list[Tensor]):
-        super().__init__(params, slots, steps)
+    def __init__(self, ops: Any, params: list[Tensor], slots: list[Tensor], steps: list[Tensor],
+                 masters: list[Tensor]):
+        super().__init__(params, slots, steps, masters)
         self.ops = ops
 
     def step_tensors(self):
         tensors = super().step_tensors()
         if tensors is None:
             return None
-        params, grads, slots, steps = tensors
+        params, grads, slots, steps, masters = tensors
         # A grad laid out unlike its param (e.g. Partial) is redistributed, as
         # torch.optim's ops on the DTensors would do implicitly.
         grads = [g if g.placements == p.placements else g.redistribute(p.device_mesh, p.placements)
@@ -161,7 +213,7 @@ class _LocalShards(reference.BoundTensors):
         # DTensors' own version counters, as torch's in-place ops bump them.
         torch.autograd.graph.increment_version(params)
         return ([_local(p) for p in params], [_local(g) for g in grads],
-                [[_local(t) for t in slot] for slot in slots], steps)
+                [[_local(t) for t in slot] for slot in slots], steps, [_local(m) for m in masters])
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -181,13 +233,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     # torch.optim's error for a sparse grad; None where sparse grads are supported.
     _sparse_grad_error: str | None = None
 
-    def __init__(self, params, defaults: dict[str, Any], *, backend: str | None) -> None:
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str | None,
+                 options: dict[str, Any]) -> None:
         if defaults.get("differentiable"):
             raise ValueError(
                 f"fastopt.{type(self).__name__} does not support differentiable=True: its fused "
                 f"steps are not recorded by autograd; use torch.optim.{type(self).__name__}"
             )
         self._backend = _extension.resolve_backend(backend)
+        self._options = options  # Note [Large-model options]
         self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
         if self._backend == "fused":
@@ -215,6 +269,21 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer interface ----------------------------------------
     @property
+    def master_weights(self) -> bool:
+        """Whether float16 / bfloat16 params have float32 master copies (Note [Large-model options])."""
+        return self._options["master_weights"]
+
+    @property
+    def state_dtype(self) -> torch.dtype | None:
+        """The state_dtype this optimizer was created with (None: the default)."""
+        return self._options["state_dtype"]
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether bfloat16 params without master copies are stored with stochastic rounding."""
+        return self._options["stochastic_rounding"]
+
+    @property
     def backend(self) -> str:
         """The backend this optimizer was created with: auto, fused or reference."""
         return self._backend
@@ -222,6 +291,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_backend"] = self._backend
+        state["_options"] = self._options
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -229,6 +299,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # it must keep the backend this optimizer was created with.
         if "_backend" not in state:
             state["_backend"] = getattr(self, "_backend", "auto")
+        if "_options" not in state:
+            state["_options"] = getattr(self, "_options", large_model_options(False, None, False))
         super().__setstate__(state)
         self._plans = {}
 
@@ -239,11 +311,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         (load-state-dict post hooks have run by then)."""
         previous = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
+        self._recast_loaded_state(state_dict)
         try:
             self._check_loaded_state()
         except Exception:
             self.__setstate__(previous)  # the load replaced these objects, it did not change them
             raise
+
+    def _recast_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load_state_dict casts floating state to the param's
+        dtype; fastopt keeps master copies in float32 and slots in the group's
+        state dtype (Note [Large-model options]), so those are taken again
+        from the saved tensors, without the lossy cast."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key == "step" or not isinstance(value, Tensor) or not p.is_floating_point():
+                    continue
+                dtype = torch.float32 if key == "master_param" else _slot_dtype(self._options, p)
+                if dtype != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
 
     def _check_loaded_state(self) -> None:
         where = f"fastopt.{type(self).__name__}.load_state_dict"
@@ -269,12 +357,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # A step saved as a number (older torch), converted as torch.optim does.
                     state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
                 problem = reference.tensor_problem(
-                    "the param", p, {f"state[{key!r}]": state[key] for key in slot_names
-                                     if state.get(key) is not None},
-                    "state['step']" if self._counts_steps else "", state.get("step"), complex_ok=True)
+                    "the param", p, self._state_tensors(group, p, state),
+                    "state['step']" if self._counts_steps else "", state.get("step"), complex_ok=True,
+                    dtypes=self._state_dtypes(group, p))
                 if problem is not None:
                     raise ValueError(
                         f"{where}: the loaded state of {param}: {problem}; nothing was changed")
+
+    def _state_tensors(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> dict[str, Tensor]:
+        """The state tensors of ``param`` the kernels read, by their name in messages."""
+        names = self._slot_names(group) + (("master_param",) if _has_master(self._options, param) else ())
+        return {f"state[{key!r}]": state[key] for key in names if state.get(key) is not None}
+
+    def _state_dtypes(self, group: dict[str, Any], param: Tensor) -> dict[str, torch.dtype]:
+        """The dtype each state tensor of ``param`` must have, by its name in messages."""
+        return {**{f"state[{key!r}]": _slot_dtype(self._options, param) for key in self._slot_names(group)},
+                "state['master_param']": torch.float32}
+
+    def _new_slot(self, group: dict[str, Any], param: Tensor, fill: Any = 0) -> Tensor:
+        """A new state slot for ``param``, filled with ``fill``, in the group's state dtype."""
+        return torch.full_like(param, fill, dtype=_slot_dtype(self._options, param),
+                               memory_format=torch.preserve_format)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -368,19 +471,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if problem is not None:
                         raise RuntimeError(f"{problem} (got a sparse grad for {where})") from error
                 state = self.state.get(p, {})
-                tensors = {"grad": p.grad, **{f"state[{key!r}]": state[key]
-                                              for key in slot_names if state.get(key) is not None}}
+                tensors = {"grad": p.grad, **self._state_tensors(group, p, state)}
                 counted = self._counts_steps and "step" in state
                 problem = reference.tensor_problem(
                     "the param", p, tensors, "state['step']" if counted else "", state.get("step"),
-                    complex_ok=True, sparse_ok=("grad",))
+                    complex_ok=True, sparse_ok=("grad",), dtypes=self._state_dtypes(group, p))
                 if problem is not None:
                     raise RuntimeError(
                         f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
         return sparse
 
-    @staticmethod
-    def _step_args(group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None,
+    def _step_args(self, group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None,
                    found_inf: Tensor | None) -> dict[str, Any]:
         """The lr and the per-step tensors of one op call (Note [fastopt op
         schemas]).  A tensor lr on the bucket's accelerator is read there by
@@ -394,6 +495,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             "lr_tensor": lr_tensor,
             "grad_scale": _to(grad_scale, bucket.device),
             "found_inf": _to(found_inf, bucket.device),
+            "rounding_seed": _rounding_seed(self._options, bucket.dtype),
         }
 
     # -- plans ---------------------------------------------------------------
@@ -420,8 +522,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self, group: dict[str, Any], key: tuple, kernels: Any = None) -> _Plan:
         slot_names = self._slot_names(group)
         required = slot_names + (("step",) if self._counts_steps else ())
-        # (device, dtype, fresh, DTensor?, occurrence) -> (params, one list per slot, steps)
-        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[Tensor]]] = {}
+        # (device, dtype, fresh, DTensor?, occurrence) -> (params, one list per slot, steps, masters)
+        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[Tensor], list[Tensor]]] = {}
         waiting: list[Tensor] = []
         created: list[tuple[Tensor, dict[str, Any] | None]] = []
         created_ids: set[int] = set()
@@ -447,30 +549,36 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self._counts_steps and state["step"].device != _step_device(p):
                 # e.g. loaded from torch.optim, which keeps steps on the CPU
                 state["step"] = state["step"].to(_step_device(p), torch.float32)
+            if _has_master(self._options, p) and state.get("master_param") is None:
+                # New, or loaded from a state_dict without one (torch.optim's).
+                state = self.state[p]
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
             sharded = dtensor is not None and isinstance(p, dtensor)
-            params, slots, steps = lists.setdefault(
-                (p.device, p.dtype, fresh, sharded, occurrence), ([], [[] for _ in slot_names], [])
+            params, slots, steps, masters = lists.setdefault(
+                (p.device, p.dtype, fresh, sharded, occurrence), ([], [[] for _ in slot_names], [], [])
             )
             params.append(p)
             for slot, name in zip(slots, slot_names):
                 slot.append(state[name])
             if self._counts_steps:
                 steps.append(state["step"])
+            if _has_master(self._options, p):
+                masters.append(state["master_param"])
         buckets = []
         # Sorted by occurrence: a param's second entry steps after its first.
-        for (device, dtype, fresh, sharded, _), (params, slots, steps) in sorted(
+        for (device, dtype, fresh, sharded, _), (params, slots, steps, masters) in sorted(
                 lists.items(), key=lambda item: item[0][4]):
             bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
             flat_slots = [t for slot in slots for t in slot]
             if dtype.is_complex:
                 complex_tensors = (params, flat_slots, steps)
-                buckets.append(_Bucket(bucket_kernels, device, fresh, None, complex_tensors))
+                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors))
             elif sharded:
-                bound = _LocalShards(bucket_kernels, params, flat_slots, steps)
-                buckets.append(_Bucket(reference, device, fresh, bound))
+                bound = _LocalShards(bucket_kernels, params, flat_slots, steps, masters)
+                buckets.append(_Bucket(reference, device, dtype, fresh, bound))
             else:
-                bound = bucket_kernels.BoundTensors(params, flat_slots, steps)
-                buckets.append(_Bucket(bucket_kernels, device, fresh, bound))
+                bound = bucket_kernels.BoundTensors(params, flat_slots, steps, masters)
+                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound))
         single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
 

@@ -4,7 +4,11 @@ when the compiled extension is missing, and the oracle of its tests.
 Each function has the signature of the op ``torch.ops.fastopt.<name>``
 (Note [fastopt op schemas] in csrc/optimizer_ops.cpp) and performs the
 arithmetic of the matching rule in csrc/rules/ in the same order, in float32
-for float16/bfloat16 tensors (float64 for float64), rounding once on store.
+for float16/bfloat16 params (float64 for float64), rounding once on store:
+to nearest, or stochastically (Note [Stochastic rounding] in
+csrc/rules/rounding.h, bit for bit for tensors the kernels walk in place).
+State may be kept in another dtype and params may have float32 master
+copies (Note [Storage of a step] in csrc/cpu/multi_tensor_apply.h).
 Like the ops, every function checks all its tensors before it changes any.
 """
 from __future__ import annotations
@@ -27,13 +31,16 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 
 def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | None],
                    step_name: str = "", step: Tensor | None = None, *, complex_ok: bool = False,
-                   sparse_ok: tuple[str, ...] = ()) -> str | None:
+                   sparse_ok: tuple[str, ...] = (), dtypes: dict[str, torch.dtype] | None = None
+                   ) -> str | None:
     """What is wrong with one param's tensors, e.g. ``"grads[2] has shape [8]
     but params[2] has shape [7]"``, or None.  The checks of csrc/validate.cpp:
     the param is a dense tensor of a supported dtype (complex ones are stepped
     as real pairs where ``complex_ok``), each of ``tensors`` (name: tensor) has
-    its device, dtype and shape (and is dense unless named in ``sparse_ok``),
-    and ``step`` is a one-element float tensor."""
+    its device and shape and its dtype, or the one ``dtypes`` names for it
+    (state slots, master copies), and is dense unless named in ``sparse_ok``;
+    ``step`` is a one-element float tensor."""
+    dtypes = dtypes or {}
     if param.layout != torch.strided:
         return f"{param_name} has layout {param.layout}; fastopt supports dense (strided) tensors only"
     dtype = param.dtype.to_real() if complex_ok and param.is_complex() else param.dtype
@@ -44,51 +51,166 @@ def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | N
             return f"{name} is None"
         if t.layout != torch.strided and name not in sparse_ok:
             return f"{name} has layout {t.layout}; fastopt supports dense (strided) tensors only"
-        for what, got, expected in (("is on", t.device, param.device), ("has dtype", t.dtype, param.dtype),
-                                    ("has shape", list(t.shape), list(param.shape))):
+        for what, got, expected in (("is on", t.device, param.device), ("has shape", list(t.shape), list(param.shape))):
             if got != expected:
                 return f"{name} {what} {got} but {param_name} {what} {expected}"
+        expected_dtype = dtypes.get(name, param.dtype)
+        if t.dtype != expected_dtype:
+            if expected_dtype == param.dtype:
+                return f"{name} has dtype {t.dtype} but {param_name} has dtype {param.dtype}"
+            return f"{name} has dtype {t.dtype} but {expected_dtype} was expected ({param_name} has dtype {param.dtype})"
     if step_name and (not isinstance(step, Tensor) or step.numel() != 1
                       or step.dtype not in (torch.float32, torch.float64)):
         return f"{step_name} must be a one-element float32 or float64 tensor"
     return None
 
 
+def _state_dtype(params: Sequence[Tensor], slots: dict[str, Sequence[Tensor]],
+                 master_copies: bool) -> torch.dtype | None:
+    """The dtype of the call's state slots, as state_dtype_of in csrc/validate.cpp."""
+    for tensors in slots.values():
+        return tensors[0].dtype if tensors and tensors[0] is not None else params[0].dtype
+    return torch.float32 if master_copies else params[0].dtype
+
+
 def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                  slots: dict[str, Sequence[Tensor]], state_steps: Sequence[Tensor] | None,
+                 master_params: Sequence[Tensor] = (), rounding_seed: int | None = None,
                  sparse_grads: bool = False) -> None:
-    """The checks of csrc/validate.cpp: one grad, slot tensor and step per param,
-    each on the param's device with its dtype and shape (``sparse_grads``: grads
-    may be sparse)."""
+    """The checks of csrc/validate.cpp: one grad, slot tensor, master copy
+    (when given) and step per param, each on the param's device with its shape;
+    grads of the param's dtype (``sparse_grads``: they may be sparse), slots of
+    the call's state dtype, master copies float32; and a storage the kernels
+    support (check_storage)."""
     n = len(params)
     lists = {"grads": grads, **slots}
+    if master_params:
+        lists["master_params"] = master_params
     for name, tensors in lists.items():
         if len(tensors) != n:
             raise RuntimeError(f"fastopt::{op}: got {n} params but {len(tensors)} {name}")
     if state_steps is not None and len(state_steps) != n:
         raise RuntimeError(f"fastopt::{op}: got {n} params but {len(state_steps)} state_steps")
+    if n == 0:
+        return
+    state_dtype = _state_dtype(params, slots, bool(master_params))
     for i, p in enumerate(params):
+        dtypes = {f"{name}[{i}]": state_dtype for name in slots}
+        dtypes[f"master_params[{i}]"] = torch.float32
         problem = tensor_problem(
             f"params[{i}]", p, {f"{name}[{i}]": tensors[i] for name, tensors in lists.items()},
             f"state_steps[{i}]" if state_steps is not None else "",
             state_steps[i] if state_steps is not None else None,
-            sparse_ok=(f"grads[{i}]",) if sparse_grads else ())
+            sparse_ok=(f"grads[{i}]",) if sparse_grads else (), dtypes=dtypes)
         if problem is None and p.dtype != params[0].dtype:
             problem = (f"params[{i}] has dtype {p.dtype} but params[0] has dtype {params[0].dtype}; "
                        "one call takes tensors of one dtype")
         if problem is not None:
             raise RuntimeError(f"fastopt::{op}: {problem}")
+    _check_storage(op, params[0].dtype, state_dtype, bool(master_params), rounding_seed is not None)
 
 
-def _opmath(t: Tensor) -> Tensor:
-    """The tensor to compute in: a float32 copy of float16/bfloat16 tensors,
-    the tensor itself (updated in place) otherwise."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def _check_storage(op: str, param_dtype: torch.dtype, state_dtype: torch.dtype, master_copies: bool,
+                   stochastic_rounding: bool) -> None:
+    """check_storage of csrc/validate.cpp."""
+    low_precision = param_dtype in (torch.float16, torch.bfloat16)
+    if state_dtype not in (param_dtype, torch.float32, torch.bfloat16):
+        raise RuntimeError(f"fastopt::{op}: state of dtype {state_dtype} for params of dtype {param_dtype}; "
+                           "supported: the params' dtype, float32 or bfloat16")
+    if master_copies and not low_precision:
+        raise RuntimeError(f"fastopt::{op}: master_params are for float16 / bfloat16 params, got params "
+                           f"of dtype {param_dtype}")
+    if master_copies and state_dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError(f"fastopt::{op}: with master_params the state must be float32 or bfloat16, "
+                           f"got {state_dtype}")
+    if stochastic_rounding and (param_dtype != torch.bfloat16 or master_copies):
+        raise RuntimeError(f"fastopt::{op}: rounding_seed (stochastic rounding) is for bfloat16 params "
+                           f"without master_params, got params of dtype {param_dtype}"
+                           + (" with master_params" if master_copies else ""))
 
 
 def _store(target: Tensor, value: Tensor) -> None:
     if value is not target:
         target.copy_(value)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """mix32 of csrc/rules/rounding.h, on Python ints or int64 tensors holding
+    uint32 values (products wrap; the mask keeps their low 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a gap-free block of memory from its first element
+    (contiguous up to a permutation of its dimensions), as the kernels walk it."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _round_stochastically(value: Tensor, seed: int, tensor: int) -> Tensor:
+    """``value`` (float32) rounded to bfloat16 stochastically, as the kernels
+    do for element i of the call's tensor ``tensor``, i counted in memory
+    order (Note [Stochastic rounding])."""
+    index = torch.arange(value.numel(), device=value.device)
+    index = index.as_strided(value.shape, value.stride()) if _is_dense(value) else index.view(value.shape)
+    h = _mix32((seed & _MASK32) ^ ((tensor * 0x9E3779B1) & _MASK32))
+    h = _mix32(h ^ (index & _MASK32))
+    random16 = _mix32(h ^ (index >> 32)) >> 16
+    bits = value.view(torch.int32).to(torch.int64) & _MASK32
+    rounded = ((bits + random16) >> 16) << 16
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, rounded, value).to(torch.bfloat16)
+
+
+class _Step:
+    """What every op's loop shares: the checks, then per element stream the
+    conversion to and from opmath (float32 for 16-bit params, float64 for
+    float64), master copies and the rounding of params on store."""
+
+    def __init__(self, op: str, params, grads, slots: dict[str, Sequence[Tensor]], state_steps, *,
+                 lr: float, lr_tensor, grad_scale, found_inf, master_params, rounding_seed,
+                 sparse_grads: bool = False) -> None:
+        _check_lists(op, params, grads, slots, state_steps, master_params, rounding_seed, sparse_grads)
+        _check_step_args(op, lr_tensor, grad_scale, found_inf)
+        self.skip = _amp_skips(found_inf)
+        self.lr = lr if lr_tensor is None else lr_tensor.item()
+        self.opmath = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
+        self.grad_scale = None if grad_scale is None else grad_scale.item()
+        self.masters = master_params
+        self.seed = rounding_seed
+
+    def load(self, t: Tensor) -> Tensor:
+        """``t`` in opmath: itself (updated in place) when of that dtype, else a copy."""
+        return t if t.dtype == self.opmath else t.to(self.opmath)
+
+    def param(self, i: int, param: Tensor) -> Tensor:
+        """The value the rule updates: the master copy (in place) or the param."""
+        return self.masters[i] if self.masters else self.load(param)
+
+    def store_param(self, i: int, param: Tensor, value: Tensor) -> None:
+        if self.seed is not None:
+            param.copy_(_round_stochastically(value, self.seed, i))
+        else:
+            _store(param, value)
+
+    def grad(self, grad: Tensor, maximize: bool) -> Tensor:
+        """The grad the rule sees: unscaled (AMP) and negated for maximize, in opmath."""
+        grad = self.load(grad)
+        if self.grad_scale is not None:
+            grad = grad / self.grad_scale
+        return -grad if maximize else grad
 
 
 def _check_step_args(op: str, lr_tensor: Tensor | None, grad_scale: Tensor | None,
@@ -104,16 +226,6 @@ def _amp_skips(found_inf: Tensor | None) -> bool:
     return found_inf is not None and found_inf.item() != 0
 
 
-def _lr(lr: float, lr_tensor: Tensor | None) -> float:
-    return lr if lr_tensor is None else lr_tensor.item()
-
-
-def _grad(grad: Tensor, maximize: bool, grad_scale: Tensor | None) -> Tensor:
-    """The grad the rule sees: unscaled (AMP) and negated for maximize, in opmath."""
-    grad = _opmath(grad)
-    if grad_scale is not None:
-        grad = grad / grad_scale.item()
-    return -grad if maximize else grad
 
 
 def _increment(step: Tensor) -> float:
@@ -124,7 +236,7 @@ def _increment(step: Tensor) -> float:
 @torch.no_grad()
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
           eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor=None, grad_scale=None,
-          found_inf=None) -> None:
+          found_inf=None, master_params=(), rounding_seed=None) -> None:
     """Adam / AdamW (csrc/rules/adam.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
@@ -134,17 +246,17 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
     slots = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
-    _check_lists("adam_", params, grads, slots, state_steps)
-    _check_step_args("adam_", lr_tensor, grad_scale, found_inf)
-    if _amp_skips(found_inf):
+    st = _Step("adam_", params, grads, slots, state_steps, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+                 rounding_seed=rounding_seed)
+    if st.skip:
         return
-    lr = _lr(lr, lr_tensor)
+    lr = st.lr
     for i, param in enumerate(params):
         step = _increment(state_steps[i])
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        p, exp_avg, exp_avg_sq = _opmath(param), _opmath(exp_avgs[i]), _opmath(exp_avg_sqs[i])
-        g = _grad(grads[i], maximize, grad_scale)
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = st.grad(grads[i], maximize)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p.mul_(1 - lr * weight_decay)
@@ -154,19 +266,20 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
         exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
         second_moment = exp_avg_sq
         if amsgrad:
-            second_moment = _opmath(max_exp_avg_sqs[i])
+            second_moment = st.load(max_exp_avg_sqs[i])
             torch.maximum(second_moment, exp_avg_sq, out=second_moment)
             _store(max_exp_avg_sqs[i], second_moment)
         denom = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
         p.add_(exp_avg / denom, alpha=-(lr / bias_correction1))
-        _store(param, p)
+        st.store_param(i, param, p)
         _store(exp_avgs[i], exp_avg)
         _store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
 def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-         first_momentum_step, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+         first_momentum_step, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
+         rounding_seed=None) -> None:
     """SGD (csrc/rules/sgd.h)::
 
         g = -g if maximize;  g += wd*p
@@ -176,20 +289,20 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
     if nesterov and momentum <= 0:
         raise RuntimeError("fastopt::sgd_: nesterov needs momentum > 0")
     slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    _check_lists("sgd_", params, grads, slots, None, sparse_grads=True)
-    _check_step_args("sgd_", lr_tensor, grad_scale, found_inf)
-    if _amp_skips(found_inf):
+    st = _Step("sgd_", params, grads, slots, None, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+                 rounding_seed=rounding_seed, sparse_grads=True)
+    if st.skip:
         return
-    lr = _lr(lr, lr_tensor)
+    lr = st.lr
     for i, param in enumerate(params):
-        p = _opmath(param)
+        p = st.param(i, param)
         # A sparse grad adds zeros elsewhere: torch.optim's sparse update, element for element.
-        g = _grad(grads[i].to_dense() if grads[i].is_sparse else grads[i], maximize, grad_scale)
+        g = st.grad(grads[i].to_dense() if grads[i].is_sparse else grads[i], maximize)
         if weight_decay != 0:
             g = g + weight_decay * p
         direction = g
         if momentum != 0:
-            buf = _opmath(momentum_buffers[i])
+            buf = st.load(momentum_buffers[i])
             if first_momentum_step:
                 buf.copy_(g)
             else:
@@ -197,13 +310,13 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
             _store(momentum_buffers[i], buf)
             direction = g + momentum * buf if nesterov else buf
         p.add_(direction, alpha=-lr)
-        _store(param, p)
+        st.store_param(i, param, p)
 
 
 @torch.no_grad()
 def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
              weight_decay, momentum, centered, maximize, lr_tensor=None, grad_scale=None,
-             found_inf=None) -> None:
+             found_inf=None, master_params=(), rounding_seed=None) -> None:
     """RMSprop (csrc/rules/rmsprop.h)::
 
         g = -g if maximize;  g += wd*p;  s = alpha*s + (1 - alpha)*g*g
@@ -215,39 +328,39 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
         slots["grad_avgs"] = grad_avgs
     if momentum > 0:
         slots["momentum_buffers"] = momentum_buffers
-    _check_lists("rmsprop_", params, grads, slots, state_steps)
-    _check_step_args("rmsprop_", lr_tensor, grad_scale, found_inf)
-    if _amp_skips(found_inf):
+    st = _Step("rmsprop_", params, grads, slots, state_steps, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+                 rounding_seed=rounding_seed)
+    if st.skip:
         return
-    lr = _lr(lr, lr_tensor)
+    lr = st.lr
     for i, param in enumerate(params):
         _increment(state_steps[i])
-        p, square_avg = _opmath(param), _opmath(square_avgs[i])
-        g = _grad(grads[i], maximize, grad_scale)
+        p, square_avg = st.param(i, param), st.load(square_avgs[i])
+        g = st.grad(grads[i], maximize)
         if weight_decay != 0:
             g = g + weight_decay * p
         square_avg.mul_(alpha).add_(g * g, alpha=1 - alpha)
         _store(square_avgs[i], square_avg)
         variance = square_avg
         if centered:
-            grad_avg = _opmath(grad_avgs[i])
+            grad_avg = st.load(grad_avgs[i])
             grad_avg.add_(g - grad_avg, alpha=1 - alpha)
             _store(grad_avgs[i], grad_avg)
             variance = square_avg - grad_avg * grad_avg
         avg = variance.sqrt().add_(eps)
         if momentum > 0:
-            buf = _opmath(momentum_buffers[i])
+            buf = st.load(momentum_buffers[i])
             buf.mul_(momentum).add_(g / avg)
             _store(momentum_buffers[i], buf)
             p.add_(buf, alpha=-lr)
         else:
             p.add_(g / avg, alpha=-lr)
-        _store(param, p)
+        st.store_param(i, param, p)
 
 
 @torch.no_grad()
 def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, maximize,
-             lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+             lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
     """Adagrad (csrc/rules/adagrad.h)::
 
         g = -g if maximize;  g += wd*p;  s += g*g
@@ -256,27 +369,28 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
     A sparse grad (torch.optim's sparse Adagrad, no weight decay) updates ``s``
     and ``p`` at its indices only.
     """
-    _check_lists("adagrad_", params, grads, {"state_sums": state_sums}, state_steps, sparse_grads=True)
-    _check_step_args("adagrad_", lr_tensor, grad_scale, found_inf)
+    st = _Step("adagrad_", params, grads, {"state_sums": state_sums}, state_steps, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+                 rounding_seed=rounding_seed,
+               sparse_grads=True)
     if weight_decay != 0 and any(g.is_sparse for g in grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")
-    if _amp_skips(found_inf):
+    if st.skip:
         return
-    lr = _lr(lr, lr_tensor)
+    lr = st.lr
     for i, param in enumerate(params):
         step = _increment(state_steps[i])
         clr = lr / (1 + (step - 1) * lr_decay)
         if grads[i].is_sparse:
             _adagrad_sparse(param, grads[i], state_sums[i], clr, eps, maximize)
             continue
-        p, state_sum = _opmath(param), _opmath(state_sums[i])
-        g = _grad(grads[i], maximize, grad_scale)
+        p, state_sum = st.param(i, param), st.load(state_sums[i])
+        g = st.grad(grads[i], maximize)
         if weight_decay != 0:
             g = g + weight_decay * p
         state_sum.add_(g * g)
         _store(state_sums[i], state_sum)
         p.add_(g / state_sum.sqrt().add_(eps), alpha=-clr)
-        _store(param, p)
+        st.store_param(i, param, p)
 
 
 def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, eps: float,
@@ -301,36 +415,40 @@ class BoundTensors:
     # (Note [Step plans] in fastopt/optimizer.py).
     ops: Any = sys.modules[__name__]
 
-    def __init__(self, params: list[Tensor], slots: list[Tensor], steps: list[Tensor]) -> None:
+    def __init__(self, params: list[Tensor], slots: list[Tensor], steps: list[Tensor],
+                 masters: list[Tensor]) -> None:
         n = len(params)
         if (len(slots) % n if n else len(slots)) != 0:
             raise RuntimeError(f"fastopt.BoundTensors: slots must hold whole lists of {n} tensors, "
                                f"got {len(slots)}")
         if steps and len(steps) != n:
             raise RuntimeError(f"fastopt.BoundTensors: got {n} params but {len(steps)} steps")
-        self.params, self.steps = params, steps
+        if masters and len(masters) != n:
+            raise RuntimeError(f"fastopt.BoundTensors: got {n} params but {len(masters)} master copies")
+        self.params, self.steps, self.masters = params, steps, masters
         self.slots = [slots[k * n:(k + 1) * n] for k in range(len(slots) // n)] if n else []
 
     def step_tensors(self):
         """The bound lists restricted to params that have a grad: (params, grads,
-        slot lists, steps), or None when no param has one."""
+        slot lists, steps, master copies), or None when no param has one."""
         keep = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not keep:
             return None
         params = [self.params[i] for i in keep]
         slots = [[slot[i] for i in keep] for slot in self.slots]
         steps = [self.steps[i] for i in keep] if self.steps else []
-        return params, [p.grad for p in params], slots, steps
+        masters = [self.masters[i] for i in keep] if self.masters else []
+        return params, [p.grad for p in params], slots, steps, masters
 
     def check(self) -> None:
         """Checks this step's tensors as the bucket's op will, before another
         bucket's op runs (Note [Atomic steps across buckets] in csrc/bound_ops.cpp)."""
         tensors = self.step_tensors()
         if tensors is not None:
-            params, grads, slots, steps = tensors
+            params, grads, slots, steps, masters = tensors
             _check_lists("BoundTensors.check", params, grads,
                          {f"state_slots{k}": slot for k, slot in enumerate(slots)},
-                         steps if self.steps else None)
+                         steps if self.steps else None, masters)
 
 
 def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
@@ -340,29 +458,31 @@ def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
 def adam_bound_(bound: BoundTensors, **hyper) -> None:
     tensors = bound.step_tensors()
     if tensors is not None:
-        params, grads, slots, steps = tensors
-        bound.ops.adam_(params, grads, _slot(slots, 0), _slot(slots, 1), _slot(slots, 2), steps, **hyper)
+        params, grads, slots, steps, masters = tensors
+        bound.ops.adam_(params, grads, _slot(slots, 0), _slot(slots, 1), _slot(slots, 2), steps,
+                        master_params=masters, **hyper)
 
 
 def sgd_bound_(bound: BoundTensors, **hyper) -> None:
     tensors = bound.step_tensors()
     if tensors is not None:
-        params, grads, slots, _ = tensors
-        bound.ops.sgd_(params, grads, _slot(slots, 0), **hyper)
+        params, grads, slots, _, masters = tensors
+        bound.ops.sgd_(params, grads, _slot(slots, 0), master_params=masters, **hyper)
 
 
 def rmsprop_bound_(bound: BoundTensors, **hyper) -> None:
     tensors = bound.step_tensors()
     if tensors is not None:
-        params, grads, slots, steps = tensors
+        params, grads, slots, steps, masters = tensors
         # Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
         grad_avgs = slots[1] if hyper["centered"] else []
         momentum_buffers = _slot(slots, 2 if hyper["centered"] else 1)
-        bound.ops.rmsprop_(params, grads, slots[0], grad_avgs, momentum_buffers, steps, **hyper)
+        bound.ops.rmsprop_(params, grads, slots[0], grad_avgs, momentum_buffers, steps,
+                           master_params=masters, **hyper)
 
 
 def adagrad_bound_(bound: BoundTensors, **hyper) -> None:
     tensors = bound.step_tensors()
     if tensors is not None:
-        params, grads, slots, steps = tensors
-        bound.ops.adagrad_(params, grads, slots[0], steps, **hyper)
+        params, grads, slots, steps, masters = tensors
+        bound.ops.adagrad_(params, grads, slots[0], steps, master_params=masters, **hyper)

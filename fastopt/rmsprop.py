@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, large_model_options
 
 
 class RMSprop(FusedOptimizer):
@@ -17,7 +17,8 @@ class RMSprop(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, *, backend: str | None = None) -> None:
+                 differentiable: bool = False, *, backend: str | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -42,7 +43,8 @@ class RMSprop(FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend,
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -64,7 +66,7 @@ class RMSprop(FusedOptimizer):
     def _init_slots(self, group, param, state):
         for name in self._slot_names(group):
             if state.get(name) is None:
-                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state[name] = self._new_slot(group, param)
 
     def _run(self, group, bucket, step_args):
         bucket.kernels.rmsprop_bound_(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, large_model_options
 
 
 class SGD(FusedOptimizer):
@@ -20,7 +20,8 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None) -> None:
+                 fused: bool | None = None, backend: str | None = None, master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -44,7 +45,8 @@ class SGD(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend,
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -60,7 +62,7 @@ class SGD(FusedOptimizer):
 
     def _init_slots(self, group, param, state):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = self._new_slot(group, param)
 
     def _run(self, group, bucket, step_args):
         bucket.kernels.sgd_bound_(

@@ -248,8 +248,12 @@ def test_signature_defaults_match_torch(name):
         assert arg in fast_sig, arg
         assert fast_sig[arg].kind == parameter.kind, arg
         assert fast_sig[arg].default == parameter.default, arg
-    assert set(fast_sig) - set(torch_sig) == {"backend"}
-    assert fast_sig["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    # fastopt's own extras: keyword-only, off by default (README "Training large models").
+    extras = {"backend": None, "master_weights": False, "state_dtype": None, "stochastic_rounding": False}
+    assert set(fast_sig) - set(torch_sig) == set(extras)
+    for extra, default in extras.items():
+        assert fast_sig[extra].kind is inspect.Parameter.KEYWORD_ONLY, extra
+        assert fast_sig[extra].default == default, extra
 
 
 # -- param_groups ---------------------------------------------------------------

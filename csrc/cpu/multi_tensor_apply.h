@@ -10,17 +10,24 @@
 // The element loop is compiled once per ISA (AVX-512, AVX2, baseline) with
 // GCC/Clang target attributes and the rule inlined into it; the ISA is chosen
 // at run time.  Floating-point contraction is off in the build, so every ISA
-// and the scalar tail round identically.
+// and the scalar tail round identically.  Storage (Note [Storage of a step])
+// fixes the dtypes of the param and state streams and whether a float32
+// master copy or stochastic rounding is involved; the rule sees opmath values
+// only.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../rules/common.h"
+#include "../rules/rounding.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FASTOPT_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -53,32 +60,64 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
-// One tensor's streams as raw pointers into its (dense) memory.
-template <typename scalar_t, int kNumSlots>
-struct TensorStreams {
-  scalar_t* param;
-  const scalar_t* grad;
-  scalar_t* slot[kNumSlots > 0 ? kNumSlots : 1];
-  int64_t numel;
-  int64_t scalars_index;  // into Task::scalars
+// Note [Storage of a step]
+// The dtypes a step reads and writes: params (and grads) of param_t, state
+// slots of state_t (the optimizer's state_dtype), and optionally
+//   kMaster: a float32 master copy of each 16-bit param, which the rule
+//            updates; the param receives its rounding to nearest;
+//   kStochasticRounding: bfloat16 params stored with stochastic rounding
+//            (Note [Stochastic rounding] in rules/rounding.h).
+// Arithmetic is in opmath_t: float, or double for double params.
+template <typename param_t, typename state_t, bool kMasterCopy, bool kStochastic>
+struct Storage {
+  using param_type = param_t;
+  using state_type = state_t;
+  using opmath_t = at::opmath_type<param_t>;
+  static constexpr bool kMaster = kMasterCopy;
+  static constexpr bool kStochasticRounding = kStochastic;
+  static_assert(!kStochastic || (std::is_same_v<param_t, c10::BFloat16> && !kMasterCopy),
+                "stochastic rounding is for bfloat16 params without a master copy");
 };
 
-template <class Rule, typename scalar_t>
+// One tensor's streams as raw pointers into its (dense) memory.
+template <class Store, int kNumSlots>
+struct TensorStreams {
+  typename Store::param_type* param;
+  const typename Store::param_type* grad;
+  typename Store::state_type* slot[kNumSlots > 0 ? kNumSlots : 1];
+  float* master;  // Store::kMaster only
+  int64_t numel;
+  int64_t scalars_index;  // into Task::scalars
+  uint32_t index;         // within the call: part of the stochastic rounding hash
+};
+
+template <class Rule, class Store>
 struct Task {
-  using opmath_t = at::opmath_type<scalar_t>;
-  std::vector<TensorStreams<scalar_t, Rule::kNumSlots>> tensors;
+  using opmath_t = typename Store::opmath_t;
+  std::vector<TensorStreams<Store, Rule::kNumSlots>> tensors;
   std::vector<int64_t> offsets;  // offsets[t] = elements before tensor t; size tensors + 1
   std::vector<typename Rule::template Scalars<opmath_t>> scalars;
   bool maximize = false;
-  opmath_t grad_scale = 1;  // AMP: grads are divided by it
+  opmath_t grad_scale = 1;     // AMP: grads are divided by it
+  uint32_t rounding_seed = 0;  // Store::kStochasticRounding only
 };
 
-template <class Rule, typename scalar_t>
-FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<scalar_t, Rule::kNumSlots>& t,
-                                           const typename Rule::template Scalars<at::opmath_type<scalar_t>>& scalars,
-                                           bool maximize, at::opmath_type<scalar_t> grad_scale,
+inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t tensor, int64_t index) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if (!rounding::finite_float_bits(bits)) return c10::BFloat16(value);
+  return c10::BFloat16(rounding::stochastic_bfloat16_bits(bits, rounding::random16(seed, tensor, uint64_t(index))),
+                       c10::BFloat16::from_bits());
+}
+
+template <class Rule, class Store>
+FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<Store, Rule::kNumSlots>& t,
+                                           const Task<Rule, Store>& task,
+                                           const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
                                            int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = typename Store::opmath_t;
+  using param_t = typename Store::param_type;
+  using state_t = typename Store::state_type;
   constexpr int kSlots = Rule::kNumSlots;
   // Local copies: the compiler cannot prove that stores through the tensor
   // pointers leave the caller's structs alone, and reloading the scalars each
@@ -87,62 +126,70 @@ FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<scalar_t, Rule::k
   const auto streams = t;
   // maximize as a sign factor, not a select: GCC does not vectorize a select
   // on a loop-invariant bool in loops that mix 16-bit loads with float math.
-  const opmath_t grad_sign = maximize ? opmath_t(-1) : opmath_t(1);
-  scalar_t* param = streams.param;
-  const scalar_t* grad = streams.grad;
+  const opmath_t grad_sign = task.maximize ? opmath_t(-1) : opmath_t(1);
+  const opmath_t grad_scale = task.grad_scale;
+  const uint32_t seed = task.rounding_seed;
+  param_t* param = streams.param;
+  const param_t* grad = streams.grad;
+  float* master = streams.master;
   FASTOPT_NO_ALIAS_LOOP
   for (int64_t i = begin; i < end; ++i) {
     const opmath_t g = static_cast<opmath_t>(grad[i]) / grad_scale * grad_sign;
-    opmath_t p = static_cast<opmath_t>(param[i]);
+    opmath_t p = Store::kMaster ? static_cast<opmath_t>(master[i]) : static_cast<opmath_t>(param[i]);
     opmath_t slot[kSlots > 0 ? kSlots : 1];
     for (int k = 0; k < kSlots; ++k) slot[k] = static_cast<opmath_t>(streams.slot[k][i]);
     Rule::update(p, g, slot, s);
-    param[i] = static_cast<scalar_t>(p);
-    for (int k = 0; k < kSlots; ++k) streams.slot[k][i] = static_cast<scalar_t>(slot[k]);
+    if constexpr (Store::kMaster) master[i] = static_cast<float>(p);
+    if constexpr (Store::kStochasticRounding) {
+      param[i] = round_stochastically(static_cast<float>(p), seed, streams.index, i);
+    } else {
+      param[i] = static_cast<param_t>(p);
+    }
+    for (int k = 0; k < kSlots; ++k) streams.slot[k][i] = static_cast<state_t>(slot[k]);
   }
 }
 
 // Elements [begin, end) of the concatenation of all tensors of the task.
-template <class Rule, typename scalar_t>
-FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, scalar_t>& task, int64_t begin, int64_t end) {
+template <class Rule, class Store>
+FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
   const auto& off = task.offsets;
   size_t t = std::upper_bound(off.begin(), off.end(), begin) - off.begin() - 1;
   for (; begin < end; ++t) {
     const int64_t stop = std::min(end, off[t + 1]);
     const auto& tensor = task.tensors[t];
-    update_elements<Rule, scalar_t>(tensor, task.scalars[tensor.scalars_index], task.maximize,
-                                    task.grad_scale, begin - off[t], stop - off[t]);
+    update_elements<Rule, Store>(tensor, task, task.scalars[tensor.scalars_index], begin - off[t],
+                                 stop - off[t]);
     begin = stop;
   }
 }
 
-template <class Rule, typename scalar_t>
-void update_range_baseline(const Task<Rule, scalar_t>& task, int64_t begin, int64_t end) {
-  update_range_body<Rule, scalar_t>(task, begin, end);
+template <class Rule, class Store>
+void update_range_baseline(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
+  update_range_body<Rule, Store>(task, begin, end);
 }
 
 #if FASTOPT_X86_MULTIVERSION
-template <class Rule, typename scalar_t>
-FASTOPT_TARGET_AVX2 void update_range_avx2(const Task<Rule, scalar_t>& task, int64_t begin, int64_t end) {
-  update_range_body<Rule, scalar_t>(task, begin, end);
+template <class Rule, class Store>
+FASTOPT_TARGET_AVX2 void update_range_avx2(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
+  update_range_body<Rule, Store>(task, begin, end);
 }
 
-template <class Rule, typename scalar_t>
-FASTOPT_TARGET_AVX512 void update_range_avx512(const Task<Rule, scalar_t>& task, int64_t begin,
+template <class Rule, class Store>
+FASTOPT_TARGET_AVX512 void update_range_avx512(const Task<Rule, Store>& task, int64_t begin,
                                                int64_t end) {
-  update_range_body<Rule, scalar_t>(task, begin, end);
+  update_range_body<Rule, Store>(task, begin, end);
 }
 #endif
 
 // Runs the task: one parallel region over all elements of all tensors.
-template <class Rule, typename scalar_t>
-void run(const Task<Rule, scalar_t>& task) {
-  using RangeFn = void (*)(const Task<Rule, scalar_t>&, int64_t, int64_t);
-  RangeFn update_range = &update_range_baseline<Rule, scalar_t>;
+template <class Rule, class Store>
+void run(const Task<Rule, Store>& task) {
+  using RangeFn = void (*)(const Task<Rule, Store>&, int64_t, int64_t);
+  RangeFn update_range = &update_range_baseline<Rule, Store>;
 #if FASTOPT_X86_MULTIVERSION
   switch (active_isa()) {
-    case Isa::kAvx512: update_range = &update_range_avx512<Rule, scalar_t>; break;
-    case Isa::kAvx2: update_range = &update_range_avx2<Rule, scalar_t>; break;
+    case Isa::kAvx512: update_range = &update_range_avx512<Rule, Store>; break;
+    case Isa::kAvx2: update_range = &update_range_avx2<Rule, Store>; break;
     case Isa::kBaseline: break;
   }
 #endif

@@ -60,26 +60,77 @@ double increment_step(const at::Tensor& step) {
   return *step.data_ptr<float>() += 1.0f;
 }
 
-template <class Rule>
+// Calls fn(Storage<...>{}) for the storage of a call (Note [Storage of a
+// step]), which check_storage has accepted.  kStorageOptions = false
+// instantiates the plain storages only (the roofline).
+template <bool kStorageOptions, class Fn>
+void with_storage(at::ScalarType param, at::ScalarType state, bool master, bool stochastic,
+                  Fn&& fn) {
+  using BF16 = c10::BFloat16;
+  using F16 = c10::Half;
+  if (!master && !stochastic && state == param) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param, "fastopt_cpu_step",
+                                    [&] { fn(Storage<scalar_t, scalar_t, false, false>{}); });
+    return;
+  }
+  if constexpr (kStorageOptions) {
+    const bool float_state = state == at::kFloat;
+    if (master) {
+      if (param == at::kBFloat16) {
+        float_state ? fn(Storage<BF16, float, true, false>{}) : fn(Storage<BF16, BF16, true, false>{});
+      } else {
+        float_state ? fn(Storage<F16, float, true, false>{}) : fn(Storage<F16, BF16, true, false>{});
+      }
+    } else if (stochastic) {
+      float_state ? fn(Storage<BF16, float, false, true>{}) : fn(Storage<BF16, BF16, false, true>{});
+    } else if (float_state) {  // params of another dtype
+      switch (param) {
+        case at::kDouble: fn(Storage<double, float, false, false>{}); break;
+        case at::kHalf: fn(Storage<F16, float, false, false>{}); break;
+        default: fn(Storage<BF16, float, false, false>{}); break;
+      }
+    } else {  // bfloat16 state, params of another dtype
+      switch (param) {
+        case at::kDouble: fn(Storage<double, BF16, false, false>{}); break;
+        case at::kHalf: fn(Storage<F16, BF16, false, false>{}); break;
+        default: fn(Storage<float, BF16, false, false>{}); break;
+      }
+    }
+  }
+}
+
+template <class Rule, bool kStorageOptions = true>
 void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
                 const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
                 typename Rule::Hyper hyper, bool maximize, const StepArgs& step_args) {
   constexpr int kSlots = Rule::kNumSlots;
   TORCH_CHECK(slots.size() == size_t(kSlots), op, ": internal error, expected ", kSlots,
               " state lists");
-  check_list_lengths(op, params, grads, slots, state_steps, Rule::kCountsSteps);
+  const at::TensorList masters = step_args.master_params;
+  check_list_lengths(op, params, grads, slots, state_steps, Rule::kCountsSteps, masters);
   check_step_args(op, step_args);
   const size_t n = params.size();
   if (n == 0) return;
-  // params[0] picks the dtype to dispatch on: check it before dispatching.
-  check_tensors_at(op, 0, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
+  // params[0] and its first slot pick the storage to dispatch on: check them
+  // before dispatching.
+  const at::ScalarType state_dtype = state_dtype_of(params, slots, !masters.empty());
+  check_tensors_at(op, 0, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU,
+                   state_dtype, masters);
+  const bool stochastic = step_args.rounding_seed.has_value();
+  check_storage(op, params[0].scalar_type(), state_dtype, !masters.empty(), stochastic);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fastopt_cpu_step", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    Task<Rule, scalar_t> task;
+  with_storage<kStorageOptions>(params[0].scalar_type(), state_dtype, !masters.empty(), stochastic,
+                                [&](auto storage) {
+    using Store = decltype(storage);
+    using param_t = typename Store::param_type;
+    using state_t = typename Store::state_type;
+    using opmath_t = typename Store::opmath_t;
+    Task<Rule, Store> task;
     task.maximize = maximize;
     if (step_args.grad_scale) task.grad_scale = step_args.grad_scale->item<opmath_t>();
     if (step_args.lr_tensor) hyper.lr = step_args.lr_tensor->item<double>();
+    // The seed's low 32 bits feed the hash (Note [Stochastic rounding]).
+    if (stochastic) task.rounding_seed = uint32_t(*step_args.rounding_seed);
     task.tensors.resize(n);
     task.offsets.resize(n + 1);
     task.offsets[0] = 0;
@@ -90,37 +141,42 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
     std::vector<char> staged_param(n, 0);
     at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        check_tensors_at(op, i, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU);
+        check_tensors_at(op, i, params, grads, slots, state_steps, Rule::kCountsSteps, c10::kCPU,
+                         state_dtype, masters);
         const at::Tensor& p = params[i];
         bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
         for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
+        if (Store::kMaster) direct = direct && masters[i].strides() == p.strides();
         auto& t = task.tensors[i];
         t.numel = p.numel();
+        t.index = uint32_t(i);
         if (!direct) {
           staged_param[i] = 1;
           continue;
         }
-        t.param = static_cast<scalar_t*>(p.data_ptr());
-        t.grad = static_cast<const scalar_t*>(grads[i].const_data_ptr());
-        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<scalar_t*>(slots[k].tensors[i].data_ptr());
+        t.param = static_cast<param_t*>(p.data_ptr());
+        t.grad = static_cast<const param_t*>(grads[i].const_data_ptr());
+        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<state_t*>(slots[k].tensors[i].data_ptr());
+        t.master = Store::kMaster ? static_cast<float*>(masters[i].data_ptr()) : nullptr;
       }
     });
 
     // The rest go through contiguous copies, written back after the kernel.
     std::vector<at::Tensor> staged;  // keeps the copies alive through the kernel
     std::vector<WriteBack> write_backs;
-    auto staged_ptr = [&](const at::Tensor& t, bool written) -> scalar_t* {
+    auto staged_ptr = [&](const at::Tensor& t, bool written) -> void* {
       at::Tensor copy = t.contiguous();
       if (written && !copy.is_same(t)) write_backs.push_back({t, copy});
       staged.push_back(copy);
-      return static_cast<scalar_t*>(copy.data_ptr());
+      return copy.data_ptr();
     };
     for (size_t i = 0; i < n; ++i) {
       if (staged_param[i]) {
         auto& t = task.tensors[i];
-        t.param = staged_ptr(params[i], true);
-        t.grad = staged_ptr(grads[i], false);
-        for (int k = 0; k < kSlots; ++k) t.slot[k] = staged_ptr(slots[k].tensors[i], true);
+        t.param = static_cast<param_t*>(staged_ptr(params[i], true));
+        t.grad = static_cast<const param_t*>(staged_ptr(grads[i], false));
+        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<state_t*>(staged_ptr(slots[k].tensors[i], true));
+        t.master = Store::kMaster ? static_cast<float*>(staged_ptr(masters[i], true)) : nullptr;
       }
       task.offsets[i + 1] = task.offsets[i] + task.tensors[i].numel;
     }
@@ -151,28 +207,26 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
               at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
               double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-              const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              FASTOPT_STEP_PARAMS) {
   const rules::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay};
   std::vector<NamedTensorList> slots{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) slots.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
   rules::with_adam(decoupled_weight_decay, amsgrad, [&](auto rule) {
     apply_rule<decltype(rule)>("fastopt::adam_", params, grads, slots, state_steps, hyper,
-                               maximize, {lr_tensor, grad_scale, found_inf});
+                               maximize, {FASTOPT_STEP_VALUES});
   });
 }
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-             bool maximize, bool first_momentum_step, const std::optional<at::Tensor>& lr_tensor,
-             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+             bool maximize, bool first_momentum_step, FASTOPT_STEP_PARAMS) {
   TORCH_CHECK(!nesterov || momentum > 0, "fastopt::sgd_: nesterov needs momentum > 0");
   const rules::SgdHyper hyper{lr, momentum, dampening, weight_decay, first_momentum_step};
   std::vector<NamedTensorList> slots;
   if (momentum != 0) slots.push_back({"momentum_buffers", momentum_buffers});
   rules::with_sgd(momentum != 0, nesterov, [&](auto rule) {
     apply_rule<decltype(rule)>("fastopt::sgd_", params, grads, slots, {}, hyper, maximize,
-                               {lr_tensor, grad_scale, found_inf});
+                               {FASTOPT_STEP_VALUES});
   });
 }
 
@@ -180,26 +234,24 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
                  at::TensorList grad_avgs, at::TensorList momentum_buffers,
                  at::TensorList state_steps, double lr, double alpha, double eps,
                  double weight_decay, double momentum, bool centered, bool maximize,
-                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 FASTOPT_STEP_PARAMS) {
   const rules::RmspropHyper hyper{lr, alpha, eps, weight_decay, momentum};
   std::vector<NamedTensorList> slots{{"square_avgs", square_avgs}};
   if (centered) slots.push_back({"grad_avgs", grad_avgs});
   if (momentum > 0) slots.push_back({"momentum_buffers", momentum_buffers});
   rules::with_rmsprop(centered, momentum > 0, [&](auto rule) {
     apply_rule<decltype(rule)>("fastopt::rmsprop_", params, grads, slots, state_steps, hyper,
-                               maximize, {lr_tensor, grad_scale, found_inf});
+                               maximize, {FASTOPT_STEP_VALUES});
   });
 }
 
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
-                 double eps, bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                 double eps, bool maximize, FASTOPT_STEP_PARAMS) {
   const rules::AdagradHyper hyper{lr, lr_decay, weight_decay, eps};
   rules::with_adagrad([&](auto rule) {
     apply_rule<decltype(rule)>("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}},
-                               state_steps, hyper, maximize, {lr_tensor, grad_scale, found_inf});
+                               state_steps, hyper, maximize, {FASTOPT_STEP_VALUES});
   });
 }
 
@@ -213,7 +265,8 @@ void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList sl
   std::vector<NamedTensorList> slot_lists;
   for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
   rules::with_roofline(int(num_slots), [&](auto rule) {
-    apply_rule<decltype(rule)>("fastopt::roofline_", params, grads, slot_lists, {}, {}, false, {});
+    apply_rule<decltype(rule), false>("fastopt::roofline_", params, grads, slot_lists, {}, {}, false,
+                                      {});
   });
 }
 

@@ -16,6 +16,8 @@
 // block's increment.  Streams are read and written 16 bytes at a time when
 // every pointer of a tensor is 16-byte aligned, one element at a time
 // otherwise; arithmetic is in float for 16-bit dtypes (double for double).
+// Storage (params, state, master copies, stochastic rounding) is that of
+// Note [Storage of a step] in csrc/cpu/multi_tensor_apply.h.
 // This file includes no torch header (see step_launch.h).
 #pragma once
 
@@ -27,7 +29,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
+#include "../rules/rounding.h"
 #include "step_launch.h"
 
 namespace fastopt::cuda {
@@ -45,59 +49,67 @@ constexpr int kMaxKernelArgBytes = 32764;
 constexpr int kMaxKernelArgBytes = 4096;
 #endif
 
-// Per-tensor argument bytes (pointers, size, chunk index): 72 with 3 slots.
-constexpr int kBytesPerTensor = 72;
+// Per-tensor argument bytes (pointers, size, flags, chunk index): 76 with 3 slots.
+constexpr int kBytesPerTensor = 80;
 // Leaves room for the hyperparameters and flags of the largest rule.
 constexpr int kMaxTensorsPerLaunch = (kMaxKernelArgBytes - 256) / kBytesPerTensor;
-
-template <Dtype kDtype> struct StorageType;
-template <> struct StorageType<Dtype::kFloat32> { using type = float; };
-template <> struct StorageType<Dtype::kFloat64> { using type = double; };
-template <> struct StorageType<Dtype::kFloat16> { using type = __half; };
-template <> struct StorageType<Dtype::kBFloat16> { using type = __nv_bfloat16; };
 
 template <typename scalar_t> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
 
-// Conversions between storage and opmath.  The 16-bit ones are spelled out:
+// Conversions between storage and opmath, 16-bit types through float (as
+// c10::Half / c10::BFloat16 convert on the CPU).  Spelled out because
 // torch's extension builds define __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit ones.
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit conversions.
+template <typename T>
+constexpr bool kIsHalf = std::is_same_v<T, __half>;
+template <typename T>
+constexpr bool kIsBFloat16 = std::is_same_v<T, __nv_bfloat16>;
+
 template <typename opmath_t, typename scalar_t>
 __device__ __forceinline__ opmath_t load_as(scalar_t value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ float load_as<float, __half>(__half value) {
-  return __half2float(value);
-}
-template <>
-__device__ __forceinline__ float load_as<float, __nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
-template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ scalar_t store_as(opmath_t value) {
-  return value;
-}
-// Round to nearest even, as torch's Half and BFloat16 conversions do.
-template <>
-__device__ __forceinline__ __half store_as<__half, float>(float value) {
-  return __float2half_rn(value);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>(float value) {
-  return __float2bfloat16_rn(value);
+  if constexpr (kIsHalf<scalar_t>) {
+    return opmath_t(__half2float(value));
+  } else if constexpr (kIsBFloat16<scalar_t>) {
+    return opmath_t(__bfloat162float(value));
+  } else {
+    return opmath_t(value);
+  }
 }
 
-template <class Rule, typename scalar_t>
+// Round to nearest even, as torch's Half and BFloat16 conversions do.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ scalar_t store_as(opmath_t value) {
+  if constexpr (kIsHalf<scalar_t>) {
+    return __float2half_rn(float(value));
+  } else if constexpr (kIsBFloat16<scalar_t>) {
+    return __float2bfloat16_rn(float(value));
+  } else {
+    return scalar_t(value);
+  }
+}
+
+template <typename param_t, typename state_t, bool kMasterCopy, bool kStochastic>
+struct Storage {
+  using param_type = param_t;
+  using state_type = state_t;
+  using opmath_t = typename OpMath<param_t>::type;
+  static constexpr bool kMaster = kMasterCopy;
+  static constexpr bool kStochasticRounding = kStochastic;
+};
+
+template <class Rule, class Store>
 struct LaunchArgs {
   static constexpr int kSlots = Rule::kNumSlots > 0 ? Rule::kNumSlots : 1;
   struct Tensor {
-    scalar_t* param;
-    const scalar_t* grad;
-    scalar_t* slot[kSlots];
+    typename Store::param_type* param;
+    const typename Store::param_type* grad;
+    typename Store::state_type* slot[kSlots];
+    float* master;
     const float* step;
     int64_t numel;
-    bool aligned;  // every stream 16-byte aligned: vector loads and stores
+    uint32_t index;  // within the call: part of the stochastic rounding hash
+    bool aligned;    // every stream aligned for vector loads and stores
   };
   Tensor tensors[kMaxTensorsPerLaunch];
   int32_t first_chunk[kMaxTensorsPerLaunch];  // chunks before tensor t in this launch
@@ -107,6 +119,7 @@ struct LaunchArgs {
   const float* grad_scale;
   const float* found_inf;
   bool maximize;
+  uint32_t rounding_seed;
 };
 
 struct StepCountArgs {
@@ -121,45 +134,70 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepCountArgs arg
   if (i < args.num_steps) *args.steps[i] += 1.f;
 }
 
+__device__ __forceinline__ __nv_bfloat16 round_stochastically(float value, uint32_t seed,
+                                                               uint32_t tensor, int64_t index) {
+  const uint32_t bits = __float_as_uint(value);
+  if (!rounding::finite_float_bits(bits)) return __float2bfloat16_rn(value);
+  __nv_bfloat16_raw raw;
+  raw.x = rounding::stochastic_bfloat16_bits(bits, rounding::random16(seed, tensor, uint64_t(index)));
+  return __nv_bfloat16(raw);
+}
+
+// Elements per thread and iteration of the vector path: 16 bytes of params.
+template <class Store>
+constexpr int kVectorWidth = kVectorBytes / int(sizeof(typename Store::param_type));
+
 // The rule applied to elements [begin, end) of one tensor, kWidth elements
 // per thread and iteration (kWidth = 1: any alignment).
-template <class Rule, typename scalar_t, int kWidth>
+template <class Rule, class Store, int kWidth>
 __device__ __forceinline__ void update_elements(
-    const typename LaunchArgs<Rule, scalar_t>::Tensor& t,
-    const typename Rule::template Scalars<typename OpMath<scalar_t>::type>& scalars,
-    typename OpMath<scalar_t>::type grad_scale, typename OpMath<scalar_t>::type grad_sign,
-    int64_t begin, int64_t end) {
-  using opmath_t = typename OpMath<scalar_t>::type;
+    const typename LaunchArgs<Rule, Store>::Tensor& t, const LaunchArgs<Rule, Store>& args,
+    const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
+    typename Store::opmath_t grad_scale, typename Store::opmath_t grad_sign, int64_t begin,
+    int64_t end) {
+  using opmath_t = typename Store::opmath_t;
+  using param_t = typename Store::param_type;
+  using state_t = typename Store::state_type;
   constexpr int kSlots = Rule::kNumSlots;
-  struct alignas(sizeof(scalar_t) * kWidth) Pack { scalar_t v[kWidth]; };
+  struct alignas(sizeof(param_t) * kWidth) ParamPack { param_t v[kWidth]; };
+  struct alignas(sizeof(state_t) * kWidth) StatePack { state_t v[kWidth]; };
+  struct alignas(sizeof(float) * kWidth) MasterPack { float v[kWidth]; };
   for (int64_t i = begin + int64_t(threadIdx.x) * kWidth; i < end; i += int64_t(blockDim.x) * kWidth) {
-    Pack param = *reinterpret_cast<const Pack*>(t.param + i);
-    const Pack grad = *reinterpret_cast<const Pack*>(t.grad + i);
-    Pack slot[kSlots > 0 ? kSlots : 1];
+    ParamPack param = *reinterpret_cast<const ParamPack*>(t.param + i);
+    const ParamPack grad = *reinterpret_cast<const ParamPack*>(t.grad + i);
+    MasterPack master;
+    if constexpr (Store::kMaster) master = *reinterpret_cast<const MasterPack*>(t.master + i);
+    StatePack slot[kSlots > 0 ? kSlots : 1];
 #pragma unroll
-    for (int k = 0; k < kSlots; ++k) slot[k] = *reinterpret_cast<const Pack*>(t.slot[k] + i);
+    for (int k = 0; k < kSlots; ++k) slot[k] = *reinterpret_cast<const StatePack*>(t.slot[k] + i);
 #pragma unroll
     for (int e = 0; e < kWidth; ++e) {
-      opmath_t p = load_as<opmath_t>(param.v[e]);
+      opmath_t p = Store::kMaster ? opmath_t(master.v[e]) : load_as<opmath_t>(param.v[e]);
       const opmath_t g = load_as<opmath_t>(grad.v[e]) / grad_scale * grad_sign;
       opmath_t s[kSlots > 0 ? kSlots : 1];
 #pragma unroll
       for (int k = 0; k < kSlots; ++k) s[k] = load_as<opmath_t>(slot[k].v[e]);
       Rule::update(p, g, s, scalars);
-      param.v[e] = store_as<scalar_t>(p);
+      if constexpr (Store::kMaster) master.v[e] = float(p);
+      if constexpr (Store::kStochasticRounding) {
+        param.v[e] = round_stochastically(float(p), args.rounding_seed, t.index, i + e);
+      } else {
+        param.v[e] = store_as<param_t>(p);
+      }
 #pragma unroll
-      for (int k = 0; k < kSlots; ++k) slot[k].v[e] = store_as<scalar_t>(s[k]);
+      for (int k = 0; k < kSlots; ++k) slot[k].v[e] = store_as<state_t>(s[k]);
     }
-    *reinterpret_cast<Pack*>(t.param + i) = param;
+    *reinterpret_cast<ParamPack*>(t.param + i) = param;
+    if constexpr (Store::kMaster) *reinterpret_cast<MasterPack*>(t.master + i) = master;
 #pragma unroll
-    for (int k = 0; k < kSlots; ++k) *reinterpret_cast<Pack*>(t.slot[k] + i) = slot[k];
+    for (int k = 0; k < kSlots; ++k) *reinterpret_cast<StatePack*>(t.slot[k] + i) = slot[k];
   }
 }
 
-template <class Rule, typename scalar_t>
+template <class Rule, class Store>
 __global__ void __launch_bounds__(kBlockThreads)
-    update_kernel(const __grid_constant__ LaunchArgs<Rule, scalar_t> args) {
-  using opmath_t = typename OpMath<scalar_t>::type;
+    update_kernel(const __grid_constant__ LaunchArgs<Rule, Store> args) {
+  using opmath_t = typename Store::opmath_t;
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
   // The tensor of this block's chunk: the last one starting at or before it
   // (empty tensors start where the next one does and are never chosen).
@@ -182,15 +220,15 @@ __global__ void __launch_bounds__(kBlockThreads)
   const opmath_t grad_sign = args.maximize ? opmath_t(-1) : opmath_t(1);
   const int64_t begin = int64_t(chunk - args.first_chunk[lo]) * kChunkElements;
   const int64_t end = begin + kChunkElements < t.numel ? begin + kChunkElements : t.numel;
-  constexpr int kWidth = kVectorBytes / int(sizeof(scalar_t));
+  constexpr int kWidth = kVectorWidth<Store>;
   if (t.aligned) {
     // Chunks start at multiples of kWidth, so only the tensor's last chunk
     // can end with a partial vector.
     const int64_t vector_end = begin + (end - begin) / kWidth * kWidth;
-    update_elements<Rule, scalar_t, kWidth>(t, scalars, grad_scale, grad_sign, begin, vector_end);
-    update_elements<Rule, scalar_t, 1>(t, scalars, grad_scale, grad_sign, vector_end, end);
+    update_elements<Rule, Store, kWidth>(t, args, scalars, grad_scale, grad_sign, begin, vector_end);
+    update_elements<Rule, Store, 1>(t, args, scalars, grad_scale, grad_sign, vector_end, end);
   } else {
-    update_elements<Rule, scalar_t, 1>(t, scalars, grad_scale, grad_sign, begin, end);
+    update_elements<Rule, Store, 1>(t, args, scalars, grad_scale, grad_sign, begin, end);
   }
 }
 
@@ -202,14 +240,19 @@ inline void check_launch(const char* what) {
   }
 }
 
-inline bool aligned(const void* pointer) {
-  return reinterpret_cast<uintptr_t>(pointer) % kVectorBytes == 0;
+// Whether `pointer` can be read kWidth elements of T at a time.
+template <typename T, int kWidth>
+bool aligned(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % (sizeof(T) * kWidth) == 0;
 }
 
-template <class Rule, typename scalar_t>
+template <class Rule, class Store>
 void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, int64_t begin,
                   int64_t end) {
-  static_assert(sizeof(LaunchArgs<Rule, scalar_t>) <= kMaxKernelArgBytes,
+  using param_t = typename Store::param_type;
+  using state_t = typename Store::state_type;
+  constexpr int kWidth = kVectorWidth<Store>;
+  static_assert(sizeof(LaunchArgs<Rule, Store>) <= kMaxKernelArgBytes,
                 "kernel arguments exceed the parameter space");
   cudaStream_t stream = launch.stream;
   if (Rule::kCountsSteps) {
@@ -221,8 +264,9 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     increment_steps_kernel<<<(counts.num_steps + threads - 1) / threads, threads, 0, stream>>>(counts);
     check_launch("increment_steps_kernel");
   }
-  LaunchArgs<Rule, scalar_t> args{};
+  LaunchArgs<Rule, Store> args{};
   args.hyper = hyper;
+  args.rounding_seed = launch.rounding_seed;
   args.lr = launch.lr;
   args.grad_scale = launch.grad_scale;
   args.found_inf = launch.found_inf;
@@ -231,20 +275,23 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
   for (int64_t i = begin; i < end; ++i) {
     const TensorPointers& in = launch.tensors[i];
     auto& t = args.tensors[args.num_tensors];
-    t.param = static_cast<scalar_t*>(in.param);
-    t.grad = static_cast<const scalar_t*>(in.grad);
-    t.aligned = aligned(in.param) && aligned(in.grad);
+    t.param = static_cast<param_t*>(in.param);
+    t.grad = static_cast<const param_t*>(in.grad);
+    t.aligned = aligned<param_t, kWidth>(in.param) && aligned<param_t, kWidth>(in.grad);
     for (int k = 0; k < Rule::kNumSlots; ++k) {
-      t.slot[k] = static_cast<scalar_t*>(in.slot[k]);
-      t.aligned = t.aligned && aligned(in.slot[k]);
+      t.slot[k] = static_cast<state_t*>(in.slot[k]);
+      t.aligned = t.aligned && aligned<state_t, kWidth>(in.slot[k]);
     }
+    t.master = in.master;
+    if (Store::kMaster) t.aligned = t.aligned && aligned<float, kWidth>(in.master);
+    t.index = uint32_t(i);
     t.step = in.step;
     t.numel = in.numel;
     args.first_chunk[args.num_tensors++] = int32_t(chunks);
     chunks += (in.numel + kChunkElements - 1) / kChunkElements;
   }
   if (chunks == 0) return;
-  update_kernel<Rule, scalar_t><<<unsigned(chunks), kBlockThreads, 0, stream>>>(args);
+  update_kernel<Rule, Store><<<unsigned(chunks), kBlockThreads, 0, stream>>>(args);
   check_launch("update_kernel");
 }
 
@@ -252,12 +299,54 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
 // index arithmetic (a launch of 2^31 chunks would be 2^47 elements anyway).
 constexpr int64_t kMaxChunksPerLaunch = (int64_t(1) << 31) - 1;
 
+// Calls fn(Storage<...>{}) for the launch's storage, as the CPU driver's
+// with_storage does (the combinations check_storage accepts).
+// kStorageOptions = false instantiates the plain storages only.
+template <bool kStorageOptions, class Fn>
+void with_storage(const StepLaunch& launch, Fn&& fn) {
+  using BF16 = __nv_bfloat16;
+  using F16 = __half;
+  if (!launch.master && !launch.stochastic_rounding && launch.state_dtype == launch.dtype) {
+    switch (launch.dtype) {
+      case Dtype::kFloat32: fn(Storage<float, float, false, false>{}); break;
+      case Dtype::kFloat64: fn(Storage<double, double, false, false>{}); break;
+      case Dtype::kFloat16: fn(Storage<F16, F16, false, false>{}); break;
+      case Dtype::kBFloat16: fn(Storage<BF16, BF16, false, false>{}); break;
+    }
+    return;
+  }
+  if constexpr (kStorageOptions) {
+    const bool float_state = launch.state_dtype == Dtype::kFloat32;
+    if (launch.master) {
+      if (launch.dtype == Dtype::kBFloat16) {
+        float_state ? fn(Storage<BF16, float, true, false>{}) : fn(Storage<BF16, BF16, true, false>{});
+      } else {
+        float_state ? fn(Storage<F16, float, true, false>{}) : fn(Storage<F16, BF16, true, false>{});
+      }
+    } else if (launch.stochastic_rounding) {
+      float_state ? fn(Storage<BF16, float, false, true>{}) : fn(Storage<BF16, BF16, false, true>{});
+    } else if (float_state) {  // params of another dtype
+      switch (launch.dtype) {
+        case Dtype::kFloat64: fn(Storage<double, float, false, false>{}); break;
+        case Dtype::kFloat16: fn(Storage<F16, float, false, false>{}); break;
+        default: fn(Storage<BF16, float, false, false>{}); break;
+      }
+    } else {  // bfloat16 state, params of another dtype
+      switch (launch.dtype) {
+        case Dtype::kFloat64: fn(Storage<double, BF16, false, false>{}); break;
+        case Dtype::kFloat16: fn(Storage<F16, BF16, false, false>{}); break;
+        default: fn(Storage<float, BF16, false, false>{}); break;
+      }
+    }
+  }
+}
+
 // Runs Rule over all tensors of the launch, split into launches that fit
 // the kernel-argument space.
-template <class Rule>
+template <class Rule, bool kStorageOptions = true>
 void launch_rule(const StepLaunch& launch, const typename Rule::Hyper& hyper) {
-  auto run = [&](auto storage) {
-    using scalar_t = typename decltype(storage)::type;
+  with_storage<kStorageOptions>(launch, [&](auto storage) {
+    using Store = decltype(storage);
     int64_t begin = 0;
     while (begin < launch.num_tensors) {
       int64_t end = begin;
@@ -268,16 +357,10 @@ void launch_rule(const StepLaunch& launch, const typename Rule::Hyper& hyper) {
         chunks += tensor_chunks;
         ++end;
       }
-      launch_group<Rule, scalar_t>(launch, hyper, begin, end);
+      launch_group<Rule, Store>(launch, hyper, begin, end);
       begin = end;
     }
-  };
-  switch (launch.dtype) {
-    case Dtype::kFloat32: run(StorageType<Dtype::kFloat32>{}); break;
-    case Dtype::kFloat64: run(StorageType<Dtype::kFloat64>{}); break;
-    case Dtype::kFloat16: run(StorageType<Dtype::kFloat16>{}); break;
-    case Dtype::kBFloat16: run(StorageType<Dtype::kBFloat16>{}); break;
-  }
+  });
 }
 
 }  // namespace fastopt::cuda

@@ -29,7 +29,7 @@ void adagrad_step(const StepLaunch& launch, const rules::AdagradHyper& hyper) {
 
 void roofline_step(const StepLaunch& launch, int num_slots) {
   rules::with_roofline(num_slots, [&](auto rule) {
-    launch_rule<decltype(rule)>(launch, typename decltype(rule)::Hyper{});
+    launch_rule<decltype(rule), false>(launch, typename decltype(rule)::Hyper{});
   });
 }
 

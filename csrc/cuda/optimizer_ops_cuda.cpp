@@ -53,11 +53,15 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
              const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
              bool counts_steps, HyperT& hyper, bool maximize, const StepArgs& step_args,
              PreparedStep& step) {
-  check_list_lengths(op, params, grads, slots, state_steps, counts_steps);
+  const at::TensorList masters = step_args.master_params;
+  check_list_lengths(op, params, grads, slots, state_steps, counts_steps, masters);
   check_step_args(op, step_args);
   const size_t n = params.size();
+  if (n == 0) return;
+  const at::ScalarType state_dtype = state_dtype_of(params, slots, !masters.empty());
   for (size_t i = 0; i < n; ++i) {
-    check_tensors_at(op, i, params, grads, slots, state_steps, counts_steps, c10::kCUDA);
+    check_tensors_at(op, i, params, grads, slots, state_steps, counts_steps, c10::kCUDA,
+                     state_dtype, masters);
     TORCH_CHECK(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
                 params[i].device(), " but params[0] is on ", params[0].device(),
                 "; one call takes tensors of one device");
@@ -69,7 +73,8 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
                   state_steps[i].scalar_type(), " tensor on ", state_steps[i].device());
     }
   }
-  if (n == 0) return;
+  const bool stochastic = step_args.rounding_seed.has_value();
+  check_storage(op, params[0].scalar_type(), state_dtype, !masters.empty(), stochastic);
   const at::Device device = params[0].device();
   if (step_args.lr_tensor.has_value() && step_args.lr_tensor->is_cpu()) {
     hyper.lr = step_args.lr_tensor->item<double>();
@@ -94,6 +99,7 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
     const at::Tensor& p = params[i];
     bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
     for (const auto& slot : slots) direct = direct && slot.tensors[i].strides() == p.strides();
+    if (!masters.empty()) direct = direct && masters[i].strides() == p.strides();
     TensorPointers& t = step.tensors[i];
     t.numel = p.numel();
     t.step = counts_steps ? state_steps[i].data_ptr<float>() : nullptr;
@@ -102,10 +108,18 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
     for (size_t k = 0; k < slots.size(); ++k) {
       t.slot[k] = direct ? slots[k].tensors[i].data_ptr() : staged(slots[k].tensors[i], true);
     }
+    if (!masters.empty()) {
+      t.master = static_cast<float*>(direct ? masters[i].data_ptr() : staged(masters[i], true));
+    }
   }
   step.launch.tensors = step.tensors.data();
   step.launch.num_tensors = int64_t(n);
   step.launch.dtype = dtype_of(params[0].scalar_type());
+  step.launch.state_dtype = dtype_of(state_dtype);
+  step.launch.master = !masters.empty();
+  step.launch.stochastic_rounding = stochastic;
+  // The seed's low 32 bits feed the hash (Note [Stochastic rounding]).
+  step.launch.rounding_seed = stochastic ? uint32_t(*step_args.rounding_seed) : 0;
   step.launch.maximize = maximize;
 }
 
@@ -130,27 +144,25 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-               const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale,
-               const OptionalTensor& found_inf) {
+               FASTOPT_STEP_PARAMS) {
   std::vector<NamedTensorList> slots{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) slots.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
   run_step("fastopt::adam_", params, grads, slots, state_steps, true,
            rules::AdamHyper{lr, beta1, beta2, eps, weight_decay}, maximize,
-           {lr_tensor, grad_scale, found_inf}, [&](const StepLaunch& launch, const auto& hyper) {
+           {FASTOPT_STEP_VALUES}, [&](const StepLaunch& launch, const auto& hyper) {
              adam_step(launch, hyper, decoupled_weight_decay, amsgrad);
            });
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
               double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-              bool maximize, bool first_momentum_step, const OptionalTensor& lr_tensor,
-              const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+              bool maximize, bool first_momentum_step, FASTOPT_STEP_PARAMS) {
   TORCH_CHECK(!nesterov || momentum > 0, "fastopt::sgd_: nesterov needs momentum > 0");
   std::vector<NamedTensorList> slots;
   if (momentum != 0) slots.push_back({"momentum_buffers", momentum_buffers});
   run_step("fastopt::sgd_", params, grads, slots, {}, false,
            rules::SgdHyper{lr, momentum, dampening, weight_decay, first_momentum_step}, maximize,
-           {lr_tensor, grad_scale, found_inf}, [&](const StepLaunch& launch, const auto& hyper) {
+           {FASTOPT_STEP_VALUES}, [&](const StepLaunch& launch, const auto& hyper) {
              sgd_step(launch, hyper, momentum != 0, nesterov);
            });
 }
@@ -159,25 +171,23 @@ void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList sq
                   at::TensorList grad_avgs, at::TensorList momentum_buffers,
                   at::TensorList state_steps, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize,
-                  const OptionalTensor& lr_tensor, const OptionalTensor& grad_scale,
-                  const OptionalTensor& found_inf) {
+                  FASTOPT_STEP_PARAMS) {
   std::vector<NamedTensorList> slots{{"square_avgs", square_avgs}};
   if (centered) slots.push_back({"grad_avgs", grad_avgs});
   if (momentum > 0) slots.push_back({"momentum_buffers", momentum_buffers});
   run_step("fastopt::rmsprop_", params, grads, slots, state_steps, true,
            rules::RmspropHyper{lr, alpha, eps, weight_decay, momentum}, maximize,
-           {lr_tensor, grad_scale, found_inf}, [&](const StepLaunch& launch, const auto& hyper) {
+           {FASTOPT_STEP_VALUES}, [&](const StepLaunch& launch, const auto& hyper) {
              rmsprop_step(launch, hyper, centered, momentum > 0);
            });
 }
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                   at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
-                  double eps, bool maximize, const OptionalTensor& lr_tensor,
-                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf) {
+                  double eps, bool maximize, FASTOPT_STEP_PARAMS) {
   run_step("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}}, state_steps, true,
            rules::AdagradHyper{lr, lr_decay, weight_decay, eps}, maximize,
-           {lr_tensor, grad_scale, found_inf},
+           {FASTOPT_STEP_VALUES},
            [&](const StepLaunch& launch, const auto& hyper) { adagrad_step(launch, hyper); });
 }
 

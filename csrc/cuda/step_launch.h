@@ -20,11 +20,12 @@ namespace fastopt::cuda {
 enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // One param's streams in device memory: dense, all with the param's strides
-// and dtype (the launcher stages anything else through contiguous copies).
+// (the launcher stages anything else through contiguous copies).
 struct TensorPointers {
   void* param;
   const void* grad;
   void* slot[kMaxSlots];  // the rule's slots in its order; unused ones null
+  float* master;          // float32 master copy of the param, or null
   float* step;            // the param's step count on the device; null for rules without
   int64_t numel;
 };
@@ -33,7 +34,13 @@ struct TensorPointers {
 struct StepLaunch {
   const TensorPointers* tensors;
   int64_t num_tensors;
-  Dtype dtype;
+  // Note [Storage of a step] (cpu/multi_tensor_apply.h), as accepted by
+  // check_storage (validate.h).
+  Dtype dtype;        // params and grads
+  Dtype state_dtype;  // state slots
+  bool master;        // every tensor has a master copy
+  bool stochastic_rounding;
+  uint32_t rounding_seed;
   // Device values read by the kernels, so a step needs no host sync and can
   // be captured in a CUDA graph; each may be null.
   const float* lr;          // replaces the Hyper's lr (a tensor lr, capturable)
