@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: install test pytest ctest cuda-check bench bench-quick clean
+.PHONY: install test pytest ctest ctest-sanitize cuda-check bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -19,13 +19,18 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	touch $@
 
-test: pytest ctest
+test: pytest ctest ctest-sanitize
 
 pytest: install
 	$(PY) -m pytest -q
 
 ctest: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/ctest.sh
+
+# The same C++ tests built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (CMakeLists.txt, FASTOPT_SANITIZE) in their own build folder.
+ctest-sanitize: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" BUILD_DIR=build-cmake-asan bash scripts/ctest.sh -DFASTOPT_SANITIZE=ON
 
 # Compiles every CUDA kernel for sm_80 and sm_90 with nvcc (no GPU needed).
 cuda-check:
@@ -38,4 +43,4 @@ bench-quick: install
 	$(PY) -m bench --quick --out bench-out/quick
 
 clean:
-	rm -rf $(VENV) build build-cmake bench-out fastopt/_C*.so *.egg-info
+	rm -rf $(VENV) build build-cmake build-cmake-asan bench-out fastopt/_C*.so *.egg-info

@@ -3,7 +3,13 @@
 # ./build-cmake against the torch of the current Python environment.
 # Usage: scripts/ctest.sh [extra cmake -D options, e.g. -DFASTOPT_SANITIZE=ON]
 # Env: PYTHON (default python), BUILD_DIR (default build-cmake), JOBS (default 2).
+# `make test` runs it twice: as is, and as
+#   BUILD_DIR=build-cmake-asan scripts/ctest.sh -DFASTOPT_SANITIZE=ON
+# (AddressSanitizer + UndefinedBehaviorSanitizer, every report fatal).
 set -euo pipefail
+# A sanitizer report with the call stack, not just the faulting line (ASan
+# prints one anyway); no effect on builds without sanitizers.
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python}"
