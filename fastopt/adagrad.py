@@ -17,7 +17,8 @@ class Adagrad(FusedOptimizer):
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None,
+                 max_grad_norm: float | None = None) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -43,7 +44,7 @@ class Adagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm)
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
