@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "step_args.h"
+#include "validate.h"
 
 TORCH_LIBRARY(fastopt, m) {
   m.def(
@@ -51,8 +52,10 @@ TORCH_LIBRARY(fastopt, m) {
 namespace {
 
 // An empty list has no device to dispatch on: its sum is 0, on the CPU.
-// Registered as the fallback of every device, it rejects devices without a kernel.
+// Registered as the fallback of every dispatch key, it rejects other lists
+// (sparse grads, devices without a kernel) naming why.
 at::Tensor grad_sq_norm_of_empty(at::TensorList grads) {
+  if (!grads.empty()) fastopt::check_norm_grads("fastopt::grad_sq_norm", grads, grads[0].device().type());
   TORCH_CHECK(grads.empty(), "fastopt::grad_sq_norm: fastopt has no kernel for ", grads[0].device(),
               " tensors");
   return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
