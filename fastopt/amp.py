@@ -56,5 +56,5 @@ class GradScaler(torch.amp.GradScaler):
                                 for device, sq_sum in sq_sums.items()}
         self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found_inf_per_device
         if self._stepping is optimizer:
-            optimizer._scaler_grad_sq_sums = sq_sums
+            optimizer._scaler_grad_sq_sums = (optimizer._grad_bindings, sq_sums)
         return found_inf_per_device

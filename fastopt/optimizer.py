@@ -272,9 +272,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _reset_clip_state(self) -> None:
         self.last_grad_norm: Tensor | None = None  # of the last clipped step, unscaled
         self._grad_bindings: _GradBindings | None = None
-        # Sums of squares of the grads per device, set by fastopt.GradScaler
-        # for the one step that follows its inf check (fastopt/amp.py).
-        self._scaler_grad_sq_sums: dict[torch.device, Tensor] | None = None
+        # (the bindings they were taken with, sums of squares of the grads per
+        # device), set by fastopt.GradScaler for the one step that follows its
+        # inf check (fastopt/amp.py).
+        self._scaler_grad_sq_sums: tuple[_GradBindings, dict[torch.device, Tensor]] | None = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict``, which checks the number and sizes
@@ -432,21 +433,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # fastopt.GradScaler's sums hold for this step only, whether used or not.
-        sq_sums, self._scaler_grad_sq_sums = self._scaler_grad_sq_sums, None
+        scaler_sums, self._scaler_grad_sq_sums = self._scaler_grad_sq_sums, None
         if self._max_grad_norm is None:
             return grad_scale, found_inf, None
-        if sq_sums is None:
-            sq_sums = self._grad_sq_sums()
+        bindings = self._bound_grads()
+        sq_sums = (scaler_sums[1] if scaler_sums is not None and scaler_sums[0] is bindings
+                   else self._grad_sq_sums())
         return clip.clipped_step_scales(sq_sums, self._max_grad_norm, grad_scale, found_inf,
-                                        self._grad_bindings.norm_dtype)
+                                        bindings.norm_dtype)
+
+    def _bound_grads(self) -> _GradBindings:
+        if self._grad_bindings is None or not self._grad_bindings.fits(self.param_groups):
+            self._grad_bindings = self._bind_grads()
+        return self._grad_bindings
 
     def _grad_sq_sums(self) -> dict[torch.device, Tensor]:
         """The sum of squares of all grads of this optimizer per device
         (float64 on that device): one ``grad_sq_norm`` pass over them."""
-        if self._grad_bindings is None or not self._grad_bindings.fits(self.param_groups):
-            self._grad_bindings = self._bind_grads()
         sums: dict[torch.device, Tensor] = {}
-        for device, kernels, bound in self._grad_bindings.buckets:
+        for device, kernels, bound in self._bound_grads().buckets:
             sq_sum = kernels.grad_sq_norm_bound_(bound)
             sums[device] = sq_sum if device not in sums else sums[device] + sq_sum
         return sums

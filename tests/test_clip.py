@@ -320,6 +320,19 @@ def test_grad_scaler_sums_are_never_used_for_another_step(backend):
         scaler.step(optimizer)
     handle.remove()
     assert optimizer._scaler_grad_sq_sums is None
+    del optimizer.grad_scale, optimizer.found_inf  # torch's GradScaler.step leaves them after a raise
+
+    # A param added between the check and the step: the sums do not cover it.
+    extra = torch.nn.Parameter(torch.zeros(50))
+    extra.grad = torch.full((50,), 1e6)
+    handle = optimizer.register_step_pre_hook(lambda *_: optimizer.add_param_group({"params": [extra]}))
+    scaler = fastopt.GradScaler("cpu")
+    backward_scaled(optimizer, scaler, params, 3)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    handle.remove()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params] + [extra.grad]) / scale
+    torch.testing.assert_close(optimizer.last_grad_norm, expected, rtol=1e-6, atol=0)
 
 
 # -- the norm op ----------------------------------------------------------------------
