@@ -248,8 +248,10 @@ def test_signature_defaults_match_torch(name):
         assert arg in fast_sig, arg
         assert fast_sig[arg].kind == parameter.kind, arg
         assert fast_sig[arg].default == parameter.default, arg
-    assert set(fast_sig) - set(torch_sig) == {"backend"}
+    assert set(fast_sig) - set(torch_sig) == {"backend", "max_grad_norm"}
     assert fast_sig["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert fast_sig["max_grad_norm"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert fast_sig["max_grad_norm"].default is None
 
 
 # -- param_groups ---------------------------------------------------------------
