@@ -222,4 +222,10 @@ def method_text(config: runner.Config, llc_bytes: int) -> list[str]:
         "bypasses torch's allocator is not counted, so it is a lower bound.",
         "speedup_vs_torch compares with the fastest of torch-forloop / torch-foreach / torch-fused that ran "
         "for the same workload, dtype and option set; DeepSpeed and Apex are not part of that baseline.",
+        "Option sets with a max_grad_norm (Adam + GradScaler + clip) time a training pipeline's optimizer "
+        "part on set grads: torch = `scaler.unscale_` + `clip_grad_norm_` + `scaler.step` + `scaler.update` "
+        "with the implementation's torch.optim flags; fastopt = `fastopt.GradScaler` + `max_grad_norm=` "
+        "(bench/implementations.py, PipelineStep).  Scale 1.0 without growth, so the grads stay finite and "
+        "unchanged by torch's unscale; every row checks that no step was skipped.  Their GB/s counts one more "
+        "grad read (the norm); the roofline has no pipeline variant.",
     ]

@@ -4,6 +4,12 @@ Every builder takes an optimizer spec and a list of params whose ``.grad``
 is set, and returns a zero-argument callable that performs one step.  A
 builder raises :class:`Unsupported` (with a note for the report) when the
 implementation does not exist for that optimizer, dtype or device.
+
+A spec with ``max_grad_norm`` is a training pipeline (:class:`PipelineStep`):
+the AMP GradScaler and gradient clipping around the step.  torch's
+implementations run torch's recipe (``scaler.unscale_``, ``clip_grad_norm_``,
+``scaler.step``, ``scaler.update``), fastopt's run the same semantics fused
+(``fastopt.GradScaler`` and ``max_grad_norm=``).
 """
 from __future__ import annotations
 
@@ -36,15 +42,61 @@ def _fastopt(backend: str) -> Callable[[OptimizerSpec, list[Tensor]], Step]:
     return build
 
 
+def _torch_optimizer(spec: OptimizerSpec, params: list[Tensor], flags: dict) -> torch.optim.Optimizer:
+    try:
+        return getattr(torch.optim, spec.cls)(params, **spec.options, **flags)
+    except TypeError as error:  # e.g. RMSprop takes no `fused`
+        raise Unsupported(f"torch.optim.{spec.cls} does not accept {flags} ({error})") from None
+
+
 def _torch(**flags) -> Callable[[OptimizerSpec, list[Tensor]], Step]:
     def build(spec: OptimizerSpec, params: list[Tensor]) -> Step:
-        try:
-            optimizer = getattr(torch.optim, spec.cls)(params, **spec.options, **flags)
-        except TypeError as error:  # e.g. RMSprop takes no `fused`
-            raise Unsupported(f"torch.optim.{spec.cls} does not accept {flags} ({error})") from None
-        return optimizer.step
+        return _torch_optimizer(spec, params, flags).step
 
     return build
+
+
+TORCH_FLAGS = {"torch-forloop": {"foreach": False}, "torch-foreach": {"foreach": True},
+               "torch-fused": {"fused": True}}
+
+
+class PipelineStep:
+    """One iteration of a training loop's optimizer part on grads that are
+    already set: GradScaler, clipping to ``spec.max_grad_norm``, step, scale
+    update.  The scale is 1.0 and never grows, so torch's in-place unscale
+    leaves the grads as they are (the work is the same for any scale) and
+    they stay finite: no step may be skipped, as a skipped step would time
+    nothing; :meth:`skipped_steps` lets the runner check that."""
+
+    def __init__(self, impl: str, spec: OptimizerSpec, params: list[Tensor]) -> None:
+        import fastopt
+
+        device = params[0].device.type
+        if impl in FASTOPT_IMPLS:
+            backend = impl.removeprefix("fastopt-")
+            self.optimizer = getattr(fastopt, spec.cls)(params, **spec.options, backend=backend,
+                                                        max_grad_norm=spec.max_grad_norm)
+            self.scaler = fastopt.GradScaler(device, init_scale=1.0, growth_interval=2**30)
+        elif impl in TORCH_FLAGS:
+            self.optimizer = _torch_optimizer(spec, params, TORCH_FLAGS[impl])
+            self.scaler = torch.amp.GradScaler(device, init_scale=1.0, growth_interval=2**30)
+        else:
+            raise Unsupported(f"{impl} has no training-pipeline variant")
+        self.params, self.max_grad_norm = params, spec.max_grad_norm
+        self.fused_clip = impl in FASTOPT_IMPLS
+        self.scaler.scale(torch.ones((), device=device))  # creates the scale, as a loss would
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if not self.fused_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def skipped_steps(self) -> int:
+        return self.calls - int(self.optimizer.state[self.params[0]]["step"].item())
 
 
 def _deepspeed(spec: OptimizerSpec, params: list[Tensor]) -> Step:
@@ -105,9 +157,7 @@ def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
 BUILDERS: dict[str, Callable[[OptimizerSpec, list[Tensor]], Step]] = {
     "fastopt-fused": _fastopt("fused"),
     "fastopt-reference": _fastopt("reference"),
-    "torch-forloop": _torch(foreach=False),
-    "torch-foreach": _torch(foreach=True),
-    "torch-fused": _torch(fused=True),
+    **{impl: _torch(**flags) for impl, flags in TORCH_FLAGS.items()},
     "deepspeed": _deepspeed,
     "apex": _apex,
     "roofline": _roofline,
@@ -115,4 +165,6 @@ BUILDERS: dict[str, Callable[[OptimizerSpec, list[Tensor]], Step]] = {
 
 
 def build_step(impl: str, spec: OptimizerSpec, params: list[Tensor]) -> Step:
+    if spec.max_grad_norm is not None:
+        return PipelineStep(impl, spec, params)
     return BUILDERS[impl](spec, params)

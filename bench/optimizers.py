@@ -13,10 +13,15 @@ class OptimizerSpec:
     label: str          # name in the report
     options: dict[str, Any] = field(default_factory=dict)
     slots: int = 0      # state tensors per param (K)
+    # A training pipeline (implementations.py): AMP grad scaling and clipping to
+    # this norm around the step, as a training loop runs it; None: the step alone.
+    max_grad_norm: float | None = None
 
     def bytes_per_step(self, numel: int, itemsize: int) -> int:
-        """Param read+write, K slots read+write, grad read."""
-        return numel * itemsize * (2 * (1 + self.slots) + 1)
+        """Param read+write, K slots read+write, grad read (twice in a
+        pipeline: the norm must be known before the step)."""
+        grad_reads = 1 if self.max_grad_norm is None else 2
+        return numel * itemsize * (2 * (1 + self.slots) + grad_reads)
 
 
 SPECS: dict[str, OptimizerSpec] = {
@@ -33,9 +38,11 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("rmsprop-centered-momentum", "RMSprop", "RMSprop centered+momentum",
                       {"lr": 1e-3, "centered": True, "momentum": 0.9}, 3),
         OptimizerSpec("adagrad", "Adagrad", "Adagrad", {"lr": 1e-2}, 1),
+        OptimizerSpec("adam-pipeline", "Adam", "Adam + GradScaler + clip", {"lr": 1e-3}, 2,
+                      max_grad_norm=1.0),
     )
 }
 
 # Plain SGD (no state) is available with --optimizers sgd but not run by default.
 DEFAULT_OPTIMIZERS = ("adam", "adam-amsgrad", "adamw", "sgd-momentum", "sgd-nesterov", "rmsprop",
-                      "rmsprop-centered-momentum", "adagrad")
+                      "rmsprop-centered-momentum", "adagrad", "adam-pipeline")

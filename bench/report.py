@@ -15,14 +15,15 @@ PLOT_IMPLS = [impl for impl in IMPLS if impl != "roofline"]
 
 @dataclass(frozen=True)
 class Target:
-    """A goal of issue #3 (CUDA backend) checked against one row of a CUDA run:
-    fastopt-fused's fraction of the copy bandwidth (``versus`` None), or its
-    speedup over the ``versus`` implementation's median."""
+    """A goal checked against one row of a run on ``device``: fastopt-fused's
+    fraction of the copy bandwidth (``versus`` None), or its speedup over the
+    ``versus`` implementation's median."""
     workload: str
     dtype: str
     option_set: str
     at_least: float
     versus: str | None = None
+    device: str = "cuda"
 
     def text(self) -> str:
         goal = (f"≥ {self.at_least:.1f} × copy bandwidth" if self.versus is None
@@ -31,10 +32,14 @@ class Target:
 
 
 TARGETS = (
+    # issue #3, CUDA backend
     Target("gpt2-xl", "fp32", "adam", 0.9),
     Target("gpt2-xl", "fp32", "adam", 1.0, "torch-fused"),
     Target("4000x1000", "fp32", "adam", 1.3, "torch-fused"),
+    # issue #5: the training pipeline (GradScaler + clipping + Adam) on the CPU
+    Target("gpt2-124m", "fp32", "adam-pipeline", 1.4, "torch-fused", device="cpu"),
 )
+TARGET_TITLES = {"cuda": "Targets (issue #3, CUDA backend)", "cpu": "Targets (issue #5, CPU)"}
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -72,11 +77,11 @@ def _table(header: list[str], rows: list[list[str]], align: list[str] | None = N
     ]
 
 
-def _targets(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """One table row per target: the goal, the value measured in this run, met or not."""
+def _targets(rows: list[dict[str, Any]], device: str) -> list[list[str]]:
+    """One table row per target of ``device``: the goal, the value measured in this run, met or not."""
     index = {(r["workload"], r["dtype"], r["option_set"], r["impl"]): r for r in rows}
     body = []
-    for t in TARGETS:
+    for t in (t for t in TARGETS if t.device == device):
         ours = index.get((t.workload, t.dtype, t.option_set, "fastopt-fused"))
         if t.versus is None:
             value = ours and ours["copy_bw_fraction"]
@@ -131,11 +136,11 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
         "28 B per param).  **% copy BW** = that GB/s / the copy bandwidth above.",
         "",
     ]
-    if cuda:
-        lines += ["## Targets (issue #3, CUDA backend)", "",
-                  "Measured in this run; a target whose workload or dtype was not run reads "
-                  "\"not measured\".", ""]
-        lines += _table(["target", "measured", "verdict"], _targets(rows), ["l", "r", "l"]) + [""]
+    device_type = "cuda" if cuda else "cpu"
+    lines += [f"## {TARGET_TITLES[device_type]}", "",
+              "Measured in this run; a target whose workload or dtype was not run reads "
+              "\"not measured\".", ""]
+    lines += _table(["target", "measured", "verdict"], _targets(rows, device_type), ["l", "r", "l"]) + [""]
     workloads = _ordered([r["workload"] for r in rows], list(WORKLOADS))
     dtypes = _ordered([r["dtype"] for r in rows], ["fp32", "bf16", "fp16", "fp64"])
     labels = _ordered([r["label"] for r in rows], [])

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import timing
-from .implementations import TORCH_IMPLS, Unsupported, build_step
+from .implementations import TORCH_IMPLS, PipelineStep, Unsupported, build_step
 from .optimizers import SPECS, OptimizerSpec
 from .progress import Progress
 from .workloads import WORKLOADS, Workload
@@ -185,11 +185,21 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
             cases, config.device, config.policy, max_repeats=max_repeats,
             measure_memory=measure_memory, on_error=failed,
             on_phase=lambda phase: progress.show(f"{label}: {phase}"))
+        skipped = {impl: sum(step.skipped_steps() for step in steps) for impl, steps in cases.items()
+                   if isinstance(steps[0], PipelineStep)}
     finally:
         cases.clear()
         gc.collect()
-    return [_row(config, impl, spec, workload, dtype_name, impl_copies[impl], measured[impl])
+    for impl, count in skipped.items():
+        if count:  # a skipped step is not a step: its time would flatter the implementation
+            failed(impl, RuntimeError(f"{count} pipeline steps were skipped (non-finite grads)"))
+            measured.pop(impl, None)
+    rows = [_row(config, impl, spec, workload, dtype_name, impl_copies[impl], measured[impl])
             for impl in config.impls if impl in measured]
+    for row in rows:
+        if row["impl"] in skipped:
+            row["skipped_steps"] = skipped[row["impl"]]
+    return rows
 
 
 def _derive(rows: list[dict[str, Any]]) -> None:

@@ -199,6 +199,19 @@ void roofline_bound(const Bound& bound) {
   t.bump_param_versions();
 }
 
+// The sum of squares of the bound params' grads (fastopt::grad_sq_norm),
+// zero on the params' device when none has a grad.  Bound with no slots.
+at::Tensor grad_sq_norm_bound(const Bound& bound) {
+  static auto op = list_op<at::Tensor(TL)>("fastopt::grad_sq_norm");
+  const StepTensors t(*bound);
+  if (t.empty()) {
+    const at::Device device = bound->params.empty() ? at::Device(at::kCPU) : bound->params[0].device();
+    return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(t.grads());
+}
+
 // Note [Atomic steps across buckets]
 // Each op checks all its tensors before writing any (Note [Validate before
 // mutate] in validate.cpp), but a step makes one op call per bucket (device,
@@ -253,6 +266,8 @@ TORCH_LIBRARY_FRAGMENT(fastopt, m) {
       "adagrad_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
       "float lr_decay, float weight_decay, float eps, bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
       &adagrad_bound);
+  m.def("grad_sq_norm_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> Tensor",
+        &grad_sq_norm_bound);
   // The roofline through the same per-step path as the optimizers (bench/).
   m.def("roofline_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> ()",
         &roofline_bound);

@@ -14,9 +14,15 @@
 //               nothing, step counts included.
 // torch.amp.GradScaler hands the last two to optimizers that advertise
 // _step_supports_amp_scaling (fastopt/optimizer.py).
+//
+// grad_sq_norm is not a step but the read-only pass of max_grad_norm
+// (Note [Fused gradient clipping] in fastopt/clip.py): the sum of squares of
+// every element of its grads (complex ones as real pairs, any mix of the
+// four dtypes, one device) as a float64 0-dim tensor on their device.
 #include <torch/library.h>
 
 #include "step_args.h"
+#include "validate.h"
 
 TORCH_LIBRARY(fastopt, m) {
   m.def(
@@ -39,5 +45,24 @@ TORCH_LIBRARY(fastopt, m) {
       "bool maximize, " FASTOPT_STEP_ARGS ") -> ()");
   // Moves the streams of an optimizer with len(slots) / len(params) state
   // tensors per param, with trivial arithmetic: the memory floor for bench/.
+  m.def("grad_sq_norm(Tensor[] grads) -> Tensor");
   m.def("roofline_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] slots) -> ()");
+}
+
+namespace {
+
+// An empty list has no device to dispatch on: its sum is 0, on the CPU.
+// Registered as the fallback of every dispatch key, it rejects other lists
+// (sparse grads, devices without a kernel) naming why.
+at::Tensor grad_sq_norm_of_empty(at::TensorList grads) {
+  if (!grads.empty()) fastopt::check_norm_grads("fastopt::grad_sq_norm", grads, grads[0].device().type());
+  TORCH_CHECK(grads.empty(), "fastopt::grad_sq_norm: fastopt has no kernel for ", grads[0].device(),
+              " tensors");
+  return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CompositeExplicitAutograd, m) {
+  m.impl("grad_sq_norm", &grad_sq_norm_of_empty);
 }

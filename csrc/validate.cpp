@@ -114,4 +114,19 @@ void check_step_args(const char* op, const StepArgs& args) {
   }
 }
 
+void check_norm_grads(const char* op, at::TensorList grads, c10::DeviceType device_type) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.defined(), op, ": grads[", i, "] is undefined");
+    TORCH_CHECK(g.device().type() == device_type && g.device() == grads[0].device(), op,
+                ": grads[", i, "] is on ", g.device(), " but grads[0] is on ", grads[0].device(),
+                "; one call takes tensors of one device");
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i, "] has layout ", g.layout(),
+                "; fastopt supports dense (strided) tensors only");
+    const at::ScalarType real = g.is_complex() ? c10::toRealValueType(g.scalar_type()) : g.scalar_type();
+    TORCH_CHECK(supported_dtype(real), op, ": grads[", i, "] has dtype ", g.scalar_type(),
+                "; supported: float32, float64, float16, bfloat16 and their complex types");
+  }
+}
+
 }  // namespace fastopt

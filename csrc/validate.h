@@ -50,4 +50,9 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
                       bool counts_steps, c10::DeviceType device_type,
                       at::ScalarType state_dtype, at::TensorList master_params = {});
 
+// Checks the grads of fastopt::grad_sq_norm: each a dense tensor of a
+// supported dtype (complex ones of a supported real dtype) on grads[0]'s
+// device, of device_type; throws naming the index.
+void check_norm_grads(const char* op, at::TensorList grads, c10::DeviceType device_type);
+
 }  // namespace fastopt

@@ -17,7 +17,8 @@ class Adagrad(FusedOptimizer):
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 backend: str | None = None, master_weights: bool = False,
+                 backend: str | None = None, max_grad_norm: float | None = None,
+                 master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -44,7 +45,7 @@ class Adagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        super().__init__(params, defaults, backend=backend,
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          options=large_model_options(master_weights, state_dtype, stochastic_rounding))
         for group in self.param_groups:
             for p in group["params"]:

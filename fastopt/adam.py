@@ -16,6 +16,11 @@ class Adam(FusedOptimizer):
 
     ``foreach``, ``fused`` and ``capturable`` are accepted and recorded for
     compatibility; fastopt always runs its own fused step.
+
+    Keyword-only ``max_grad_norm`` (every fastopt optimizer): clip the grads'
+    global L2 norm to it inside the step, as ``torch.nn.utils.clip_grad_norm_``
+    would before it, without rewriting ``p.grad``; ``last_grad_norm`` holds
+    the norm of the last step.
     """
 
     _sparse_grad_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
@@ -24,7 +29,8 @@ class Adam(FusedOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 backend: str | None = None, master_weights: bool = False,
+                 backend: str | None = None, max_grad_norm: float | None = None,
+                 master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -66,7 +72,7 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults, backend=backend,
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
                          options=large_model_options(master_weights, state_dtype, stochastic_rounding))
 
     def __setstate__(self, state):
@@ -105,11 +111,13 @@ class AdamW(Adam):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None, master_weights: bool = False,
+                 fused: bool | None = None, backend: str | None = None, max_grad_norm: float | None = None,
+                 master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, backend=backend,
+                         max_grad_norm=max_grad_norm,
                          master_weights=master_weights, state_dtype=state_dtype,
                          stochastic_rounding=stochastic_rounding)
 

@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from . import _extension, clip, reference
 
 
 @dataclass
@@ -216,11 +216,32 @@ class _LocalShards(reference.BoundTensors):
                 [[_local(t) for t in slot] for slot in slots], steps, [_local(m) for m in masters])
 
 
+@dataclass
+class _GradBindings:
+    """Every param of the optimizer bound once per (group, device) for
+    ``grad_sq_norm_bound_`` (max_grad_norm), rebuilt when a group's params
+    change, as the step plans are."""
+
+    group_params: list[list[Tensor]]  # each group's params when bound
+    buckets: list[tuple[torch.device, Any, Any]]  # (device, kernels, BoundTensors)
+    norm_dtype: torch.dtype  # the dtype torch's clip_grad_norm_ gives their norm
+
+    def fits(self, param_groups: list[dict[str, Any]]) -> bool:
+        return len(self.group_params) == len(param_groups) and all(
+            len(params) == len(group["params"]) and all(map(operator.is_, params, group["params"]))
+            for params, group in zip(self.group_params, param_groups))
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class of fastopt optimizers (see Note [Step plans]).
 
     Subclasses define ``_counts_steps``, ``_slot_names(group)``,
     ``_init_slots(group, param, state)`` and ``_run(group, bucket, step_args)``.
+
+    ``max_grad_norm`` (keyword-only in every optimizer; None: off) clips as
+    ``torch.nn.utils.clip_grad_norm_(all params, max_grad_norm)`` before each
+    step would, fused into it (Note [Fused gradient clipping] in
+    fastopt/clip.py); ``last_grad_norm`` is the norm the last step saw.
     """
 
     _counts_steps: bool = True
@@ -234,7 +255,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     _sparse_grad_error: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None,
-                 options: dict[str, Any]) -> None:
+                 max_grad_norm: float | None = None, options: dict[str, Any]) -> None:
         if defaults.get("differentiable"):
             raise ValueError(
                 f"fastopt.{type(self).__name__} does not support differentiable=True: its fused "
@@ -243,6 +264,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._backend = _extension.resolve_backend(backend)
         self._options = options  # Note [Large-model options]
         self._plans: dict[int, _Plan] = {}
+        self.max_grad_norm = max_grad_norm
+        self._reset_clip_state()
         super().__init__(params, defaults)
         if self._backend == "fused":
             for group in self.param_groups:
@@ -288,21 +311,42 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The backend this optimizer was created with: auto, fused or reference."""
         return self._backend
 
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The max norm the grads are clipped to in each step (None: no clipping)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        self._max_grad_norm = clip.check_max_grad_norm(value)
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_backend"] = self._backend
         state["_options"] = self._options
+        state["_max_grad_norm"] = self._max_grad_norm
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict also lands here, with only state and param_groups:
-        # it must keep the backend this optimizer was created with.
+        # it must keep the backend and max_grad_norm this optimizer was created with.
         if "_backend" not in state:
             state["_backend"] = getattr(self, "_backend", "auto")
         if "_options" not in state:
             state["_options"] = getattr(self, "_options", large_model_options(False, None, False))
+        if "_max_grad_norm" not in state:
+            state["_max_grad_norm"] = getattr(self, "_max_grad_norm", None)
         super().__setstate__(state)
         self._plans = {}
+        self._reset_clip_state()
+
+    def _reset_clip_state(self) -> None:
+        self.last_grad_norm: Tensor | None = None  # of the last clipped step, unscaled
+        self._grad_bindings: _GradBindings | None = None
+        # (the bindings they were taken with, sums of squares of the grads per
+        # device), set by fastopt.GradScaler for the one step that follows its
+        # inf check (fastopt/amp.py).
+        self._scaler_grad_sq_sums: tuple[_GradBindings, dict[torch.device, Tensor]] | None = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict``, which checks the number and sizes
@@ -391,6 +435,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``param_groups`` and ``state``."""
         if hasattr(self, "_plans"):
             self._plans.clear()
+            self._grad_bindings = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -422,10 +467,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         fit); raises ``_NothingChanged`` when it fails before changing anything."""
         runs = [(group, bucket) for group, plan in zip(self.param_groups, plans)
                 for bucket in plan.buckets]
-        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step
-        found_inf = getattr(self, "found_inf", None)
         ran_any = False
         try:
+            grad_scale, found_inf, grad_norm = self._step_scales()
             for _, bucket in runs:
                 if bucket.complex_tensors is not None:
                     bucket.bind_real_views()
@@ -437,6 +481,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for group, bucket in runs:
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
                 ran_any = True
+            if grad_norm is not None:
+                self.last_grad_norm = grad_norm
         except Exception as error:
             self.invalidate_plans()
             if ran_any:  # tensors were checked: not a failure of the tensors
@@ -480,6 +526,55 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
         return sparse
+
+    def _step_scales(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """This step's ``grad_scale`` and ``found_inf`` for the ops: AMP's (set
+        by GradScaler.step) with the clip coefficient folded in, and the grad
+        norm (None without max_grad_norm)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # fastopt.GradScaler's sums hold for this step only, whether used or not.
+        scaler_sums, self._scaler_grad_sq_sums = self._scaler_grad_sq_sums, None
+        if self._max_grad_norm is None:
+            return grad_scale, found_inf, None
+        bindings = self._bound_grads()
+        sq_sums = (scaler_sums[1] if scaler_sums is not None and scaler_sums[0] is bindings
+                   else self._grad_sq_sums())
+        return clip.clipped_step_scales(sq_sums, self._max_grad_norm, grad_scale, found_inf,
+                                        bindings.norm_dtype)
+
+    def _bound_grads(self) -> _GradBindings:
+        if self._grad_bindings is None or not self._grad_bindings.fits(self.param_groups):
+            self._grad_bindings = self._bind_grads()
+        return self._grad_bindings
+
+    def _grad_sq_sums(self) -> dict[torch.device, Tensor]:
+        """The sum of squares of all grads of this optimizer per device
+        (float64 on that device): one ``grad_sq_norm`` pass over them."""
+        sums: dict[torch.device, Tensor] = {}
+        for device, kernels, bound in self._bound_grads().buckets:
+            sq_sum = kernels.grad_sq_norm_bound_(bound)
+            sums[device] = sq_sum if device not in sums else sums[device] + sq_sum
+        return sums
+
+    def _bind_grads(self) -> _GradBindings:
+        dtensor = _dtensor_type()
+        buckets = []
+        for group in self.param_groups:
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for p in group["params"]:
+                if dtensor is not None and isinstance(p, dtensor):
+                    raise NotImplementedError(
+                        f"fastopt.{type(self).__name__}: max_grad_norm with DTensor params (FSDP2, "
+                        "tensor parallel) is not supported: the norm needs a reduction across ranks; "
+                        "use torch.nn.utils.clip_grad_norm_ before the step instead")
+                by_device.setdefault(p.device, []).append(p)
+            for device, params in by_device.items():
+                kernels = _extension.kernels_for(self._backend, device)
+                buckets.append((device, kernels, kernels.BoundTensors(params, [], [], [])))
+        params = [p for group in self.param_groups for p in group["params"]]
+        return _GradBindings([list(group["params"]) for group in self.param_groups], buckets,
+                             clip.norm_dtype(params))
 
     def _step_args(self, group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None,
                    found_inf: Tensor | None) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "adam_", "sgd_", "rmsprop_", "adagrad_",
+    "adam_", "sgd_", "rmsprop_", "adagrad_", "grad_sq_norm",
     "BoundTensors", "tensor_problem",
-    "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_",
+    "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_", "grad_sq_norm_bound_",
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -406,6 +406,28 @@ def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, 
     param.add_(at_indices(values / std_values), alpha=-clr)
 
 
+@torch.no_grad()
+def grad_sq_norm(grads) -> Tensor:
+    """The sum of squares of every element of ``grads`` (complex ones as real
+    pairs), float64, 0-dim, on the grads' device: the squared L2 norm that
+    ``torch.nn.utils.clip_grad_norm_`` takes over them (max_grad_norm, Note
+    [Fused gradient clipping] in fastopt/clip.py).  Read-only."""
+    for i, g in enumerate(grads):
+        problem = None
+        if g.device != grads[0].device:
+            problem = f"is on {g.device} but grads[0] is on {grads[0].device}; one call takes tensors of one device"
+        elif g.layout != torch.strided:
+            problem = f"has layout {g.layout}; fastopt supports dense (strided) tensors only"
+        elif (g.dtype.to_real() if g.is_complex() else g.dtype) not in _SUPPORTED_DTYPES:
+            problem = f"has dtype {g.dtype}; supported: float32, float64, float16, bfloat16 and their complex types"
+        if problem is not None:
+            raise RuntimeError(f"fastopt::grad_sq_norm: grads[{i}] {problem}")
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        total += (torch.view_as_real(g) if g.is_complex() else g).double().square().sum()
+    return total
+
+
 class BoundTensors:
     """A bucket's params, state slots (slot-major, like the C++ class) and step
     counts, bound once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
@@ -486,3 +508,11 @@ def adagrad_bound_(bound: BoundTensors, **hyper) -> None:
     if tensors is not None:
         params, grads, slots, steps, masters = tensors
         bound.ops.adagrad_(params, grads, slots[0], steps, master_params=masters, **hyper)
+
+
+def grad_sq_norm_bound_(bound: BoundTensors) -> Tensor:
+    tensors = bound.step_tensors()
+    if tensors is None:
+        device = bound.params[0].device if bound.params else "cpu"
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return bound.ops.grad_sq_norm(tensors[1])

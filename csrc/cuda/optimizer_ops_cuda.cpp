@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <map>
 #include <vector>
 
 #include "../validate.h"
@@ -206,9 +207,30 @@ void roofline_cuda(at::TensorList params, at::TensorList grads, at::TensorList s
            });
 }
 
+// fastopt::grad_sq_norm on the device: per-tensor norms by at::_foreach_norm
+// (in float32, float64 for float64 grads), their squares summed in float64.
+// No host sync; not bit-identical to the CPU kernel, but deterministic.
+at::Tensor grad_sq_norm_cuda(at::TensorList grads) {
+  check_norm_grads("fastopt::grad_sq_norm", grads, c10::kCUDA);
+  const c10::cuda::CUDAGuard device_guard(grads[0].device());
+  // One _foreach_norm per dtype: its multi-tensor path takes one dtype.
+  std::map<at::ScalarType, std::vector<at::Tensor>> by_dtype;
+  for (const at::Tensor& g : grads) {
+    const at::Tensor real = g.is_complex() ? at::view_as_real(g) : g;
+    by_dtype[real.scalar_type()].push_back(real);
+  }
+  at::Tensor sum = at::zeros({}, grads[0].options().dtype(at::kDouble));
+  for (const auto& [dtype, tensors] : by_dtype) {
+    const auto norms = at::_foreach_norm(tensors, 2, dtype == at::kDouble ? at::kDouble : at::kFloat);
+    sum.add_(at::stack(norms).to(at::kDouble).square().sum());
+  }
+  return sum;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("grad_sq_norm", &grad_sq_norm_cuda);
   m.impl("adam_", &adam_cuda);
   m.impl("sgd_", &sgd_cuda);
   m.impl("rmsprop_", &rmsprop_cuda);
