@@ -240,3 +240,22 @@ def test_options_are_validated():
         fastopt.Adam(params, state_dtype=torch.float16)
     with pytest.raises(ValueError, match="exclude each other"):
         fastopt.Adam(params, master_weights=True, stochastic_rounding=True)
+
+
+def test_ops_reject_storages_they_do_not_support():
+    """The roofline moves plain storage only; the optimizer ops reject state of
+    an unsupported dtype and master copies for float32 params, before writing."""
+    params, grads = [torch.randn(5)], [torch.randn(5)]
+    before = params[0].clone()
+    with pytest.raises(RuntimeError, match="state of the params' dtype only"):
+        torch.ops.fastopt.roofline_(params, grads, [torch.zeros(5, dtype=torch.bfloat16)])
+    for kernels in (torch.ops.fastopt, fastopt.reference):
+        with pytest.raises(RuntimeError, match="supported: the params' dtype, float32 or bfloat16"):
+            kernels.sgd_(params, grads, [torch.zeros(5, dtype=torch.float16)], lr=0.1, momentum=0.9,
+                         dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                         first_momentum_step=True)
+        with pytest.raises(RuntimeError, match="master_params are for float16 / bfloat16"):
+            kernels.sgd_(params, grads, [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                         nesterov=False, maximize=False, first_momentum_step=False,
+                         master_params=[torch.zeros(5)])
+    assert torch.equal(params[0], before)

@@ -73,6 +73,9 @@ void with_storage(at::ScalarType param, at::ScalarType state, bool master, bool 
                                     [&] { fn(Storage<scalar_t, scalar_t, false, false>{}); });
     return;
   }
+  TORCH_CHECK(kStorageOptions, "fastopt: this op takes state of the params' dtype only, got ", state,
+              " state for ", param, " params", master ? " with master_params" : "",
+              stochastic ? " with rounding_seed" : "");
   if constexpr (kStorageOptions) {
     const bool float_state = state == at::kFloat;
     if (master) {

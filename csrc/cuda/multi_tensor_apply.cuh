@@ -315,6 +315,9 @@ void with_storage(const StepLaunch& launch, Fn&& fn) {
     }
     return;
   }
+  if (!kStorageOptions) {
+    throw std::runtime_error("fastopt: this op takes state of the params' dtype only");
+  }
   if constexpr (kStorageOptions) {
     const bool float_state = launch.state_dtype == Dtype::kFloat32;
     if (launch.master) {
