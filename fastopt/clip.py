@@ -59,14 +59,16 @@ def clipped_step_scales(sq_sums: dict[torch.device, Tensor], max_norm: float, gr
     ``grad_scale`` when given) per device; ``grad_scale`` / ``found_inf``:
     AMP's, or None."""
     device = next(iter(sq_sums))
-    sq_sum = sum(s.to(device, non_blocking=True) for s in sq_sums.values())
+    sq_sum = sum(s.to(device, non_blocking=device.type != "cpu") for s in sq_sums.values())
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     amp_scale = (torch.ones((), dtype=opmath, device=device) if grad_scale is None
-                 else grad_scale.to(device, opmath, non_blocking=True))
+                 else grad_scale.to(device, opmath, non_blocking=device.type != "cpu"))
     total_norm = (sq_sum.sqrt() / amp_scale).to(dtype)
     clip_coef = (max_norm / (total_norm + CLIP_NORM_EPS)).clamp(max=1.0)
     step_scale = amp_scale / clip_coef.to(opmath)
     if grad_scale is not None or found_inf is not None:
         nonfinite = total_norm.isfinite().logical_not().to(torch.float32)
-        found_inf = nonfinite if found_inf is None else nonfinite + found_inf.to(device, non_blocking=True)
+        if found_inf is not None:
+            nonfinite = nonfinite + found_inf.to(device, non_blocking=device.type != "cpu")
+        found_inf = nonfinite
     return step_scale, found_inf, total_norm

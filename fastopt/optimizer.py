@@ -166,7 +166,12 @@ def _scalar(value: float | Tensor) -> float:
 
 
 def _to(tensor: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if tensor is None else tensor.to(device, non_blocking=True)
+    """``tensor`` on ``device``; copies to the CPU are synchronous (the CPU ops
+    read the value at once; a non-blocking copy from CUDA could still be in
+    flight)."""
+    if tensor is None:
+        return None
+    return tensor.to(device, non_blocking=device.type != "cpu")
 
 
 def _step_device(param: Tensor) -> torch.device:
@@ -639,11 +644,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 created.append((p, dict(state) if p in self.state else None))
                 state = self.state[p]
                 if self._counts_steps and state.get("step") is None:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=_step_device(p))
+                    # zeros, not tensor(0.0): no host-to-device copy per param
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
                 self._init_slots(group, p, state)
-            if self._counts_steps and state["step"].device != _step_device(p):
-                # e.g. loaded from torch.optim, which keeps steps on the CPU
-                state["step"] = state["step"].to(_step_device(p), torch.float32)
+            step = state.get("step") if self._counts_steps else None
+            if step is not None and (step.device != _step_device(p) or (
+                    p.device.type != "cpu" and step.dtype != torch.float32)):
+                # e.g. loaded from torch.optim, which keeps steps on the CPU;
+                # the CUDA kernels count float32 steps on the device.
+                state["step"] = step.to(_step_device(p), torch.float32)
             if _has_master(self._options, p) and state.get("master_param") is None:
                 # New, or loaded from a state_dict without one (torch.optim's).
                 state = self.state[p]

@@ -45,8 +45,9 @@ HAS_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 
 # Shapes only CUDA needs beyond the registry's: more tensors than one launch
-# takes (Note [CUDA driver layout]), and tensors whose data starts off a
-# 16-byte boundary next to aligned ones (scalar and vector paths in one launch).
+# takes (Note [CUDA driver layout]), and a tensor of several chunks with a
+# partial last vector next to tensors of one chunk and one element.
+# (Unaligned views are in test_unaligned_views.)
 CUDA_SHAPES = {
     "launches-1200": ShapeCase("launches-1200", tuple((1 + (i * 13) % 97,) for i in range(1200))),
     "blocks-3x65536+5": ShapeCase("blocks-3x65536+5", ((3 * 65536 + 5,), (65536,), (1,))),
@@ -125,8 +126,10 @@ def test_unaligned_views(case_id):
         optimizer = case.make_fastopt(params, backend="fused")
         generator = torch.Generator().manual_seed(GRAD_SEED)
         for _ in range(STEPS):
-            for p in params:
-                p.grad = torch.randn(p.numel() + 1, generator=generator).to(device)[1:]
+            for i, p in enumerate(params):
+                values = torch.randn(p.numel() + 1, generator=generator).to(device)[1:]
+                # params[1] and its grad and state are aligned: the vector path
+                p.grad = values.clone() if i == 1 else values
             optimizer.step()
         results.append(record(optimizer, params))
     assert_runs_match(results[0], results[1], K_FUSED_VS_REFERENCE, torch.float32)

@@ -115,8 +115,8 @@ struct LaunchArgs {
   int32_t first_chunk[kMaxTensorsPerLaunch];  // chunks before tensor t in this launch
   int num_tensors;
   typename Rule::Hyper hyper;
-  const float* lr;
-  const float* grad_scale;
+  const double* lr;
+  const double* grad_scale;
   const float* found_inf;
   bool maximize;
   uint32_t rounding_seed;
@@ -346,8 +346,24 @@ void with_storage(const StepLaunch& launch, Fn&& fn) {
 
 // Runs Rule over all tensors of the launch, split into launches that fit
 // the kernel-argument space.
+// The 32 KB kernel-argument space needs a CUDA 12.1 driver as well as
+// runtime; checked before anything is queued, so a step on an older driver
+// fails whole instead of half-applied.
+inline void check_driver_supports_launch_size() {
+  static const int driver_version = [] {
+    int version = 0;
+    return cudaDriverGetVersion(&version) == cudaSuccess ? version : 0;
+  }();
+  if (kMaxKernelArgBytes > 4096 && driver_version < 12010) {
+    throw std::runtime_error("fastopt: built with CUDA >= 12.1 (32 KB kernel arguments), but the CUDA "
+                             "driver is version " + std::to_string(driver_version) +
+                             "; update the driver or build fastopt with an older CUDA toolkit");
+  }
+}
+
 template <class Rule, bool kStorageOptions = true>
 void launch_rule(const StepLaunch& launch, const typename Rule::Hyper& hyper) {
+  check_driver_supports_launch_size();
   with_storage<kStorageOptions>(launch, [&](auto storage) {
     using Store = decltype(storage);
     int64_t begin = 0;

@@ -37,15 +37,18 @@ struct PreparedStep {
 };
 
 // A one-element per-step tensor for the kernels to read on the params'
-// device (as float32), or null when absent.
-const float* device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                           const at::Device& device, PreparedStep& step) {
+// device, as T (double for lr and grad_scale, which the CPU ops read in
+// double too), or null when absent.
+template <typename T>
+const T* device_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                       const at::Device& device, PreparedStep& step) {
   if (!t.has_value()) return nullptr;
   TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
               " but the params are on ", device);
-  at::Tensor as_float = t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
-  step.keep_alive.push_back(as_float);
-  return as_float.const_data_ptr<float>();
+  constexpr at::ScalarType kType = c10::CppTypeToScalarType<T>::value;
+  at::Tensor converted = t->scalar_type() == kType ? *t : t->to(kType);
+  step.keep_alive.push_back(converted);
+  return converted.const_data_ptr<T>();
 }
 
 // Checks the call and lays out its pointers; writes nothing.
@@ -80,14 +83,15 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
   if (step_args.lr_tensor.has_value() && step_args.lr_tensor->is_cpu()) {
     hyper.lr = step_args.lr_tensor->item<double>();
   } else {
-    step.launch.lr = device_scalar(op, "lr_tensor", step_args.lr_tensor, device, step);
+    step.launch.lr = device_scalar<double>(op, "lr_tensor", step_args.lr_tensor, device, step);
   }
   if (step_args.found_inf.has_value() && step_args.found_inf->is_cpu()) {
     step.skip_on_host = step_args.found_inf->item<double>() != 0;
   } else {
-    step.launch.found_inf = device_scalar(op, "found_inf", step_args.found_inf, device, step);
+    step.launch.found_inf = device_scalar<float>(op, "found_inf", step_args.found_inf, device, step);
   }
-  step.launch.grad_scale = device_scalar(op, "grad_scale", step_args.grad_scale, device, step);
+  step.launch.grad_scale =
+      device_scalar<double>(op, "grad_scale", step_args.grad_scale, device, step);
 
   auto staged = [&](const at::Tensor& t, bool written) -> void* {
     at::Tensor copy = t.contiguous();

@@ -43,8 +43,8 @@ struct StepLaunch {
   uint32_t rounding_seed;
   // Device values read by the kernels, so a step needs no host sync and can
   // be captured in a CUDA graph; each may be null.
-  const float* lr;          // replaces the Hyper's lr (a tensor lr, capturable)
-  const float* grad_scale;  // AMP: grads are divided by it in registers
+  const double* lr;          // replaces the Hyper's lr (a tensor lr, capturable)
+  const double* grad_scale;  // AMP and clipping: grads are divided by it in registers
   const float* found_inf;   // AMP: when nonzero, nothing is written, steps included
   bool maximize;
   CUstream_st* stream;
