@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import report, runner, system, timing
+from . import report, runner, state_memory, system, timing
 from .implementations import IMPLS, NEEDS_EXTENSION
 from .optimizers import DEFAULT_OPTIMIZERS, SPECS
 from .workloads import WORKLOADS
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = runner.run(config, llc_bytes, notes)
     copy_end = _copy_bandwidth(device, llc_bytes, config.policy, notes, "end")
     copy_bw = _copy_reference(copy_start, copy_end, device)
+    state_bytes = state_memory.measure([WORKLOADS[name] for name in workloads], device)
     runner.set_copy_fraction(rows, copy_bw and copy_bw["gbps"])
     runtime = time.perf_counter() - started
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "llc_bytes": llc_bytes,
         "llc_source": llc_source,
         "copy_bandwidth": copy_bw,
+        "state_memory": state_bytes,
         "rotation_factor": config.rotation_factor,
         "workloads": {name: {"description": WORKLOADS[name].description,
                              "num_tensors": WORKLOADS[name].num_tensors, "numel": WORKLOADS[name].numel}

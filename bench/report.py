@@ -141,6 +141,15 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
               "Measured in this run; a target whose workload or dtype was not run reads "
               "\"not measured\".", ""]
     lines += _table(["target", "measured", "verdict"], _targets(rows, device_type), ["l", "r", "l"]) + [""]
+    if m.get("state_memory"):
+        lines += ["## State memory: fastopt.Adam with `state_dtype=torch.bfloat16`", "",
+                  "Bytes of the state slots (exp_avg, exp_avg_sq) of float32 params after one step, "
+                  "with float32 state (the default) and with bfloat16 state (issue #5: exactly half).", ""]
+        body = [[s["workload"], f"{s['fp32_state_bytes'] / 2**20:.1f}", f"{s['bf16_state_bytes'] / 2**20:.1f}",
+                 f"{s['ratio']:.4f}", "**met**" if s["ratio"] == 0.5 else "**not met**"]
+                for s in m["state_memory"]]
+        lines += _table(["workload", "fp32 state MiB", "bf16 state MiB", "ratio", "exactly half"], body,
+                        ["l", "r", "r", "r", "l"]) + [""]
     workloads = _ordered([r["workload"] for r in rows], list(WORKLOADS))
     dtypes = _ordered([r["dtype"] for r in rows], ["fp32", "bf16", "fp16", "fp64"])
     labels = _ordered([r["label"] for r in rows], [])
