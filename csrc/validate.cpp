@@ -5,6 +5,8 @@
 // call first and only then increments steps and runs the kernel.
 #include "validate.h"
 
+#include "rules/common.h"
+
 #include <utility>
 
 #include <c10/util/Exception.h>
@@ -78,6 +80,18 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
     TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
                 "] is on ", step.device(), " but params[", i, "] is on ", p.device());
   }
+}
+
+std::vector<NamedTensorList> roofline_slot_lists(at::TensorList params, at::TensorList slots) {
+  const size_t n = params.size();
+  TORCH_CHECK(n == 0 || slots.size() % n == 0, "fastopt::roofline_: slots must hold a whole "
+              "number of lists of ", n, " tensors, got ", slots.size());
+  const size_t num_slots = n == 0 ? 0 : slots.size() / n;
+  TORCH_CHECK(num_slots <= size_t(kMaxSlots), "fastopt::roofline_: at most ", kMaxSlots,
+              " state slots, got ", num_slots);
+  std::vector<NamedTensorList> slot_lists;
+  for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
+  return slot_lists;
 }
 
 at::ScalarType state_dtype_of(at::TensorList params, const std::vector<NamedTensorList>& slots,

@@ -32,6 +32,11 @@ void check_list_lengths(const char* op, at::TensorList params, at::TensorList gr
 at::ScalarType state_dtype_of(at::TensorList params, const std::vector<NamedTensorList>& slots,
                               bool master_copies);
 
+// The roofline op's slots (slot-major: slot k of param i at k * n + i) as one
+// list per slot; checks that they are whole lists of params.size() tensors,
+// at most kMaxSlots of them.
+std::vector<NamedTensorList> roofline_slot_lists(at::TensorList params, at::TensorList slots);
+
 // Checks that the drivers support the storage of a call: state of the
 // params' dtype, float32 or bfloat16; master copies for float16 / bfloat16
 // params only, with float32 or bfloat16 state; stochastic rounding for

@@ -259,14 +259,8 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
 }
 
 void roofline_cpu(at::TensorList params, at::TensorList grads, at::TensorList slots) {
-  const size_t n = params.size();
-  TORCH_CHECK(n == 0 || slots.size() % n == 0, "fastopt::roofline_: slots must hold a whole "
-              "number of lists of ", n, " tensors, got ", slots.size());
-  const size_t num_slots = n == 0 ? 0 : slots.size() / n;
-  TORCH_CHECK(num_slots <= size_t(kMaxSlots), "fastopt::roofline_: at most ", kMaxSlots,
-              " state slots, got ", num_slots);
-  std::vector<NamedTensorList> slot_lists;
-  for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
+  const std::vector<NamedTensorList> slot_lists = roofline_slot_lists(params, slots);
+  const size_t num_slots = slot_lists.size();
   rules::with_roofline(int(num_slots), [&](auto rule) {
     apply_rule<decltype(rule), false>("fastopt::roofline_", params, grads, slot_lists, {}, {}, false,
                                       {});

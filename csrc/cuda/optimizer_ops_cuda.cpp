@@ -197,14 +197,8 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
 }
 
 void roofline_cuda(at::TensorList params, at::TensorList grads, at::TensorList slots) {
-  const size_t n = params.size();
-  TORCH_CHECK(n == 0 || slots.size() % n == 0, "fastopt::roofline_: slots must hold a whole "
-              "number of lists of ", n, " tensors, got ", slots.size());
-  const size_t num_slots = n == 0 ? 0 : slots.size() / n;
-  TORCH_CHECK(num_slots <= size_t(kMaxSlots), "fastopt::roofline_: at most ", kMaxSlots,
-              " state slots, got ", num_slots);
-  std::vector<NamedTensorList> slot_lists;
-  for (size_t k = 0; k < num_slots; ++k) slot_lists.push_back({"slots", slots.slice(k * n, n)});
+  const std::vector<NamedTensorList> slot_lists = roofline_slot_lists(params, slots);
+  const size_t num_slots = slot_lists.size();
   run_step("fastopt::roofline_", params, grads, slot_lists, {}, false, rules::RooflineHyper{},
            false, {}, [&](const StepLaunch& launch, const auto&) {
              roofline_step(launch, int(num_slots));
