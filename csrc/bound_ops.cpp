@@ -146,7 +146,8 @@ void adam_bound(const Bound& bound, double lr, double beta1, double beta2, doubl
   if (t.empty()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
-          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
+          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor, grad_scale,
+          found_inf, t.masters(), rounding_seed);
   t.bump_param_versions();
 }
 
@@ -174,7 +175,8 @@ void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, doub
   // Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
   const size_t momentum_slot = centered ? 2 : 1;
   op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
-          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize, lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
+          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize, lr_tensor,
+          grad_scale, found_inf, t.masters(), rounding_seed);
   t.bump_param_versions();
 }
 

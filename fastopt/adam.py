@@ -29,8 +29,8 @@ class Adam(FusedOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 backend: str | None = None, max_grad_norm: float | None = None,
-                 master_weights: bool = False,
+                 backend: str | None = None,
+                 max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -111,8 +111,8 @@ class AdamW(Adam):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None, max_grad_norm: float | None = None,
-                 master_weights: bool = False,
+                 fused: bool | None = None, backend: str | None = None,
+                 max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,

@@ -413,7 +413,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"{where}: the loaded state of {param}: {problem}; nothing was changed")
 
-    def _state_tensors(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> dict[str, Tensor]:
+    def _state_tensors(self, group: dict[str, Any], param: Tensor,
+                       state: dict[str, Any]) -> dict[str, Tensor]:
         """The state tensors of ``param`` the kernels read, by their name in messages."""
         names = self._slot_names(group) + (("master_param",) if _has_master(self._options, param) else ())
         return {f"state[{key!r}]": state[key] for key in names if state.get(key) is not None}

@@ -22,7 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "grad_sq_norm",
-    "BoundTensors", "tensor_problem",
+    "BoundTensors", "tensor_problem", "is_dense",
     "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_", "grad_sq_norm_bound_",
 ]
 
@@ -51,14 +51,16 @@ def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | N
             return f"{name} is None"
         if t.layout != torch.strided and name not in sparse_ok:
             return f"{name} has layout {t.layout}; fastopt supports dense (strided) tensors only"
-        for what, got, expected in (("is on", t.device, param.device), ("has shape", list(t.shape), list(param.shape))):
+        for what, got, expected in (("is on", t.device, param.device),
+                                    ("has shape", list(t.shape), list(param.shape))):
             if got != expected:
                 return f"{name} {what} {got} but {param_name} {what} {expected}"
         expected_dtype = dtypes.get(name, param.dtype)
         if t.dtype != expected_dtype:
             if expected_dtype == param.dtype:
                 return f"{name} has dtype {t.dtype} but {param_name} has dtype {param.dtype}"
-            return f"{name} has dtype {t.dtype} but {expected_dtype} was expected ({param_name} has dtype {param.dtype})"
+            return (f"{name} has dtype {t.dtype} but {expected_dtype} was expected "
+                    f"({param_name} has dtype {param.dtype})")
     if step_name and (not isinstance(step, Tensor) or step.numel() != 1
                       or step.dtype not in (torch.float32, torch.float64)):
         return f"{step_name} must be a one-element float32 or float64 tensor"
@@ -147,7 +149,7 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def _is_dense(t: Tensor) -> bool:
+def is_dense(t: Tensor) -> bool:
     """Whether ``t`` covers a gap-free block of memory from its first element
     (contiguous up to a permutation of its dimensions), as the kernels walk it."""
     expected = 1
@@ -163,7 +165,7 @@ def _round_stochastically(value: Tensor, seed: int, tensor: int) -> Tensor:
     do for element i of the call's tensor ``tensor``, i counted in memory
     order (Note [Stochastic rounding])."""
     index = torch.arange(value.numel(), device=value.device)
-    index = index.as_strided(value.shape, value.stride()) if _is_dense(value) else index.view(value.shape)
+    index = index.as_strided(value.shape, value.stride()) if is_dense(value) else index.view(value.shape)
     h = _mix32((seed & _MASK32) ^ ((tensor * 0x9E3779B1) & _MASK32))
     h = _mix32(h ^ (index & _MASK32))
     random16 = _mix32(h ^ (index >> 32)) >> 16
@@ -246,8 +248,9 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
     slots = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
-    st = _Step("adam_", params, grads, slots, state_steps, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
-                 rounding_seed=rounding_seed)
+    st = _Step("adam_", params, grads, slots, state_steps,
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
         return
     lr = st.lr
@@ -289,8 +292,9 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
     if nesterov and momentum <= 0:
         raise RuntimeError("fastopt::sgd_: nesterov needs momentum > 0")
     slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    st = _Step("sgd_", params, grads, slots, None, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
-                 rounding_seed=rounding_seed, sparse_grads=True)
+    st = _Step("sgd_", params, grads, slots, None,
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed, sparse_grads=True)
     if st.skip:
         return
     lr = st.lr
@@ -328,8 +332,9 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
         slots["grad_avgs"] = grad_avgs
     if momentum > 0:
         slots["momentum_buffers"] = momentum_buffers
-    st = _Step("rmsprop_", params, grads, slots, state_steps, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
-                 rounding_seed=rounding_seed)
+    st = _Step("rmsprop_", params, grads, slots, state_steps,
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
         return
     lr = st.lr
@@ -369,8 +374,9 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
     A sparse grad (torch.optim's sparse Adagrad, no weight decay) updates ``s``
     and ``p`` at its indices only.
     """
-    st = _Step("adagrad_", params, grads, {"state_sums": state_sums}, state_steps, lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
-                 rounding_seed=rounding_seed,
+    st = _Step("adagrad_", params, grads, {"state_sums": state_sums}, state_steps,
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
                sparse_grads=True)
     if weight_decay != 0 and any(g.is_sparse for g in grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")

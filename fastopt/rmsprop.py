@@ -17,8 +17,8 @@ class RMSprop(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, *, backend: str | None = None, max_grad_norm: float | None = None,
-                 master_weights: bool = False,
+                 differentiable: bool = False, *, backend: str | None = None,
+                 max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")

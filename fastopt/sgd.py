@@ -20,8 +20,8 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None, max_grad_norm: float | None = None,
-                 master_weights: bool = False,
+                 fused: bool | None = None, backend: str | None = None,
+                 max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")

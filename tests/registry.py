@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 import fastopt
+from fastopt.reference import is_dense  # the layout the kernels walk in place
 
 # -- optimizers × options ------------------------------------------------------
 
@@ -223,17 +224,6 @@ def make_params(shape_case: ShapeCase, dtype: torch.dtype, seed: int,
             else "contiguous"
         params.append(torch.nn.Parameter(with_layout(values, layout)))
     return params
-
-
-def is_dense(t: Tensor) -> bool:
-    """Whether ``t`` covers a gap-free block of memory (contiguous up to a
-    permutation of its dimensions)."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def clone_params(params: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[torch.nn.Parameter]:

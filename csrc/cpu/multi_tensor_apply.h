@@ -102,19 +102,20 @@ struct Task {
   uint32_t rounding_seed = 0;  // Store::kStochasticRounding only
 };
 
-inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t tensor, int64_t index) {
+inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t tensor,
+                                          int64_t index) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   if (!rounding::finite_float_bits(bits)) return c10::BFloat16(value);
-  return c10::BFloat16(rounding::stochastic_bfloat16_bits(bits, rounding::random16(seed, tensor, uint64_t(index))),
-                       c10::BFloat16::from_bits());
+  const uint32_t random = rounding::random16(seed, tensor, uint64_t(index));
+  return c10::BFloat16(rounding::stochastic_bfloat16_bits(bits, random), c10::BFloat16::from_bits());
 }
 
 template <class Rule, class Store>
-FASTOPT_ALWAYS_INLINE void update_elements(const TensorStreams<Store, Rule::kNumSlots>& t,
-                                           const Task<Rule, Store>& task,
-                                           const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
-                                           int64_t begin, int64_t end) {
+FASTOPT_ALWAYS_INLINE void update_elements(
+    const TensorStreams<Store, Rule::kNumSlots>& t, const Task<Rule, Store>& task,
+    const typename Rule::template Scalars<typename Store::opmath_t>& scalars, int64_t begin,
+    int64_t end) {
   using opmath_t = typename Store::opmath_t;
   using param_t = typename Store::param_type;
   using state_t = typename Store::state_type;

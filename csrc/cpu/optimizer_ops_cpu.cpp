@@ -178,7 +178,9 @@ void apply_rule(const char* op, at::TensorList params, at::TensorList grads,
         auto& t = task.tensors[i];
         t.param = static_cast<param_t*>(staged_ptr(params[i], true));
         t.grad = static_cast<const param_t*>(staged_ptr(grads[i], false));
-        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<state_t*>(staged_ptr(slots[k].tensors[i], true));
+        for (int k = 0; k < kSlots; ++k) {
+          t.slot[k] = static_cast<state_t*>(staged_ptr(slots[k].tensors[i], true));
+        }
         t.master = Store::kMaster ? static_cast<float*>(staged_ptr(masters[i], true)) : nullptr;
       }
       task.offsets[i + 1] = task.offsets[i] + task.tensors[i].numel;
