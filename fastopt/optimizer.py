@@ -165,6 +165,13 @@ def _scalar(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
+def _same_params(bound: list[Tensor], current: list[Tensor]) -> bool:
+    """Whether a group's params are still the ones bound.  Identity, not ==: a
+    C-level pass (~20 ns a param) that also sees one param replaced in place
+    in the list (model surgery)."""
+    return len(bound) == len(current) and all(map(operator.is_, bound, current))
+
+
 def _to(tensor: Tensor | None, device: torch.device) -> Tensor | None:
     """``tensor`` on ``device``; copies to the CPU are synchronous (the CPU ops
     read the value at once; a non-blocking copy from CUDA could still be in
@@ -233,8 +240,7 @@ class _GradBindings:
 
     def fits(self, param_groups: list[dict[str, Any]]) -> bool:
         return len(self.group_params) == len(param_groups) and all(
-            len(params) == len(group["params"]) and all(map(operator.is_, params, group["params"]))
-            for params, group in zip(self.group_params, param_groups))
+            _same_params(params, group["params"]) for params, group in zip(self.group_params, param_groups))
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -610,10 +616,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             or plan is None
             or plan.key != key
             or plan.single_use
-            or len(plan.params) != len(group["params"])
-            # Identity, not ==: a C-level pass (~20 ns a param) that also sees
-            # one param replaced in place in the list (model surgery).
-            or not all(map(operator.is_, plan.params, group["params"]))
+            or not _same_params(plan.params, group["params"])
             or any(p.grad is not None for p in plan.waiting)
         ):
             plan = self._build_plan(group, key, kernels)
