@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: install test pytest ctest ctest-sanitize cuda-check bench bench-quick clean
+.PHONY: install test pytest ctest ctest-sanitize cuda-check gpu-check bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ ctest-sanitize: install
 # Compiles every CUDA kernel for sm_80 and sm_90 with nvcc (no GPU needed).
 cuda-check:
 	bash scripts/cuda_compile_check.sh
+
+# On a GPU machine (torch with CUDA, nvcc, ninja, pytest; no venv, no network):
+# builds for the local GPU, runs every CUDA test and the GPU bench, and writes
+# summary.md, the logs and the bench report into OUT (scripts/gpu_check.sh).
+OUT ?= gpu-check-out
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
 
 bench: install
 	$(PY) -m bench --out bench-out

@@ -18,6 +18,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -fno-math-errno lets sqrt vectorize.  No -march: the ISA is chosen at run
 # time per function, so one wheel runs on any x86-64.
 CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+# --fmad=false: no multiply-add contraction on the device either, so the CUDA
+# kernels round every operation as the CPU kernels do (bit-identical where
+# the per-step scalars agree; Note [CUDA emulation]).  The steps are
+# memory-bound: the extra instructions cost no time.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
 # at::parallel_for is inline and splits work only where the caller is built
 # with OpenMP (torch's Linux wheels use OpenMP; libgomp resolves to torch's
 # own copy, so there is one thread pool and torch.set_num_threads applies).
@@ -42,7 +47,7 @@ def extension():
         return CUDAExtension(
             name="fastopt._C",
             sources=cpu + cuda,
-            extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS, "nvcc": NVCC_FLAGS},
             extra_link_args=OPENMP_FLAGS,
         )
     return CppExtension(

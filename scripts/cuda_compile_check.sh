@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel (csrc/cuda/*.cu) with nvcc for sm_80 and sm_90,
-# compile only: the kernels include no torch header, so this runs on
+# with setup.py's NVCC_FLAGS, compile only: the kernels include no torch header, so this runs on
 # machines without a GPU or a CUDA build of torch (CI).  The -D flags are
 # the ones torch's CUDAExtension passes, so what compiles here compiles
 # there.  Usage: scripts/cuda_compile_check.sh  (env NVCC, default nvcc)
@@ -17,7 +17,7 @@ start=$SECONDS
 for source in csrc/cuda/*.cu; do
   for arch in 80 90; do
     echo "nvcc sm_$arch: $source"
-    "$NVCC" -std=c++17 -O3 -c "$source" -o "$out/$(basename "$source" .cu).sm_$arch.o" \
+    "$NVCC" -std=c++17 -O3 --fmad=false -c "$source" -o "$out/$(basename "$source" .cu).sm_$arch.o" \
       -gencode "arch=compute_$arch,code=sm_$arch" \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \

@@ -32,12 +32,12 @@ STEPS = len(GRAD_SCALES)
 
 
 def clipped_runs(case_id: str, backend: str, shape: ShapeCase = SHAPE, dtype=torch.float32,
-                 grad_layout: str = "contiguous"):
+                 grad_layout: str = "contiguous", device: str = "cpu"):
     """fastopt with max_grad_norm and torch's clip_grad_norm_ + step on the
     same grads; returns both optimizers, params, and per step (torch's norm,
     fastopt's last_grad_norm)."""
     case = OPTIMIZERS_BY_ID[case_id]
-    initial = make_params(shape, dtype, PARAM_SEED)
+    initial = make_params(shape, dtype, PARAM_SEED, device)
     fast_params, torch_params = clone_params(initial), clone_params(initial)
     fast = case.fastopt_cls(fast_params, backend=backend, max_grad_norm=MAX_NORM, **case.make_kwargs())
     oracle = case.make_torch(torch_params)
@@ -69,6 +69,17 @@ def test_max_grad_norm_matches_clip_grad_norm_then_torch_optim(case_id, backend)
     clipped = [n.item() > MAX_NORM for n, _ in norms]
     assert any(clipped) and not all(clipped), "the steps must clip some grads and leave others"
     assert_norms_match(norms)
+    assert_runs_match(record(fast, fast_params), record(oracle, torch_params), K_VS_TORCH, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_max_grad_norm_on_cuda_matches_clip_grad_norm_then_torch_optim(case_id):
+    """The CUDA norm pass (per-tensor norms summed in float64) and the clip
+    coefficient in the CUDA kernels, against torch's recipe on the GPU."""
+    fast, oracle, fast_params, torch_params, norms = clipped_runs(case_id, "fused", device="cuda")
+    assert all(n.device.type == "cuda" for _, n in norms)
+    assert_norms_match(norms, rtol=1e-5)
     assert_runs_match(record(fast, fast_params), record(oracle, torch_params), K_VS_TORCH, torch.float32)
 
 
@@ -362,6 +373,18 @@ def test_grad_sq_norm_op(kernels, dtype):
     assert result.dtype == torch.float64 and result.dim() == 0
     torch.testing.assert_close(result, exact_sq_norm(grads), rtol=1e-13, atol=0)
     assert all(torch.equal(g, b) or (g.isnan() == b.isnan()).all() for g, b in zip(grads, before))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
+def test_grad_sq_norm_op_on_cuda(dtype):
+    grads = [g.cuda() for g in op_grads(dtype)]
+    result = torch.ops.fastopt.grad_sq_norm(grads)
+    assert result.dtype == torch.float64 and result.dim() == 0 and result.is_cuda
+    # Per-tensor norms in float32 (float64 for float64 grads), then summed.
+    rtol = 1e-13 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(result.cpu(), exact_sq_norm(op_grads(dtype)), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("kernels", ["fused", "reference"])

@@ -128,7 +128,7 @@ struct StepCountArgs {
   const float* found_inf;
 };
 
-__global__ void increment_steps_kernel(const __grid_constant__ StepCountArgs args) {
+__global__ void increment_steps_kernel(const StepCountArgs __grid_constant__ args) {
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < args.num_steps) *args.steps[i] += 1.f;
@@ -196,7 +196,7 @@ __device__ __forceinline__ void update_elements(
 
 template <class Rule, class Store>
 __global__ void __launch_bounds__(kBlockThreads)
-    update_kernel(const __grid_constant__ LaunchArgs<Rule, Store> args) {
+    update_kernel(const LaunchArgs<Rule, Store> __grid_constant__ args) {
   using opmath_t = typename Store::opmath_t;
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
   // The tensor of this block's chunk: the last one starting at or before it
@@ -232,8 +232,22 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-inline void check_launch(const char* what) {
-  const cudaError_t error = cudaGetLastError();
+// Note [One launch point]
+// Every kernel of the driver is launched here, through the runtime's
+// cudaLaunchKernel rather than <<<...>>>: that is plain C++, so this file and
+// the kernels compile unchanged as host code against the emulated runtime of
+// csrc/tests/cuda_emulation/, which runs every block and thread of the grid
+// on the CPU (Note [CUDA emulation]).  Each kernel takes one argument struct,
+// declared `const Args __grid_constant__ args` (read in place, not copied per
+// thread; the emulation spells __grid_constant__ as a const reference, so its
+// Param is `const Args&` where nvcc's is `Args`).
+template <class Param>
+void launch_kernel(void (*kernel)(Param), unsigned blocks, unsigned threads, cudaStream_t stream,
+                   const std::remove_cv_t<std::remove_reference_t<Param>>& args, const char* what) {
+  using Args = std::remove_cv_t<std::remove_reference_t<Param>>;
+  void* kernel_args[] = {const_cast<Args*>(&args)};
+  cudaError_t error = cudaLaunchKernel(kernel, dim3(blocks), dim3(threads), kernel_args, 0, stream);
+  if (error == cudaSuccess) error = cudaGetLastError();
   if (error != cudaSuccess) {
     throw std::runtime_error(std::string("fastopt: CUDA launch of ") + what +
                              " failed: " + cudaGetErrorString(error));
@@ -260,9 +274,9 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     counts.num_steps = int(end - begin);
     counts.found_inf = launch.found_inf;
     for (int64_t i = begin; i < end; ++i) counts.steps[i - begin] = launch.tensors[i].step;
-    const int threads = 128;
-    increment_steps_kernel<<<(counts.num_steps + threads - 1) / threads, threads, 0, stream>>>(counts);
-    check_launch("increment_steps_kernel");
+    const unsigned threads = 128;
+    launch_kernel(increment_steps_kernel, (unsigned(counts.num_steps) + threads - 1) / threads, threads,
+                  stream, counts, "increment_steps_kernel");
   }
   LaunchArgs<Rule, Store> args{};
   args.hyper = hyper;
@@ -291,8 +305,8 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     chunks += (in.numel + kChunkElements - 1) / kChunkElements;
   }
   if (chunks == 0) return;
-  update_kernel<Rule, Store><<<unsigned(chunks), kBlockThreads, 0, stream>>>(args);
-  check_launch("update_kernel");
+  launch_kernel(update_kernel<Rule, Store>, unsigned(chunks), kBlockThreads, stream, args,
+                "update_kernel");
 }
 
 // Chunks per launch stay below this, so chunk indices fit the int32 block

@@ -5,6 +5,8 @@
 
 namespace fastopt::cuda {
 
+int64_t max_tensors_per_launch() { return kMaxTensorsPerLaunch; }
+
 void adam_step(const StepLaunch& launch, const rules::AdamHyper& hyper,
                bool decoupled_weight_decay, bool amsgrad) {
   rules::with_adam(decoupled_weight_decay, amsgrad,

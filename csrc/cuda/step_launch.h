@@ -50,6 +50,10 @@ struct StepLaunch {
   CUstream_st* stream;
 };
 
+// Most tensors one kernel launch takes (Note [CUDA driver layout]); a step
+// over more is split into several launches.
+int64_t max_tensors_per_launch();
+
 // Each throws std::runtime_error when a launch fails.
 void adam_step(const StepLaunch& launch, const rules::AdamHyper& hyper,
                bool decoupled_weight_decay, bool amsgrad);

@@ -26,24 +26,11 @@
 #include <vector>
 
 #include "check.h"
+#include "op_signatures.h"
 #include "reference_rules.h"
 
 namespace fastopt::test {
 namespace {
-
-using TL = at::TensorList;
-using AdamOp = void(TL, TL, TL, TL, TL, TL, double, double, double, double, double, bool, bool,
-                    bool, FASTOPT_STEP_TYPES);
-using SgdOp = void(TL, TL, TL, double, double, double, double, bool, bool, bool, FASTOPT_STEP_TYPES);
-using RmspropOp = void(TL, TL, TL, TL, TL, TL, double, double, double, double, double, bool, bool,
-                       FASTOPT_STEP_TYPES);
-using AdagradOp = void(TL, TL, TL, TL, double, double, double, double, bool, FASTOPT_STEP_TYPES);
-using RooflineOp = void(TL, TL, TL);
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // ---- the tensor list every op test runs on ----
 
