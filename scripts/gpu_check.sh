@@ -104,7 +104,9 @@ if [[ $built == 1 || "$dry_run" == 1 ]]; then
   status=$?
   if [[ "$dry_run" != 1 ]]; then
     note "- $(grep -E '(passed|failed|error|no tests ran)' "$out/tests.log" | tail -n 1)"
-    if [[ $status -ne 0 ]]; then
+    if [[ $status -eq 124 || $status -eq 137 ]]; then
+      fail "CUDA tests timed out after ${TEST_TIMEOUT:-240} s (tests.log)"
+    elif [[ $status -ne 0 ]]; then
       fail "CUDA tests (status $status)"
       grep -E '^(FAILED|ERROR) ' "$out/tests.log" | head -n 50 | sed 's/^/    /' | tee -a "$summary"
     fi
@@ -136,6 +138,10 @@ fi
 note "- $((SECONDS - step_start)) s: \`REPEATS=${REPEATS:-30} bench/gpu_run.sh\`"
 
 note ""
+if [[ "$dry_run" == 1 ]]; then
+  note "Dry run: nothing was built, tested or measured."
+  exit 0
+fi
 if [[ ${#failures[@]} -eq 0 ]]; then
   note "**GPU check passed** in $((SECONDS - start)) s."
   exit 0

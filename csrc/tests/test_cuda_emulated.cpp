@@ -145,6 +145,7 @@ struct Streams {
 // whatever their bits: the device stores every NaN as 0x7FFF (half and
 // bfloat16), c10 keeps its sign and payload (Note [CUDA emulation]).
 int64_t first_difference(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0) return -1;  // (its data pointer may be null)
   const size_t size = a.element_size();
   const char* x = static_cast<const char*>(a.const_data_ptr());
   const char* y = static_cast<const char*>(b.const_data_ptr());
