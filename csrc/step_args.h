@@ -10,7 +10,7 @@
 // The schema text of those arguments, shared by the list and bound ops.
 #define FASTOPT_STEP_ARGS                                                                   \
   "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "               \
-  "Tensor(z!)[]? master_params=None, int? rounding_seed=None"
+  "Tensor(z!)[]? master_params=None, SymInt? rounding_seed=None"
 
 // The bound ops (bound_ops.cpp) take the same but master_params, which are
 // bound with the other tensors.
