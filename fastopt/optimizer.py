@@ -681,7 +681,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         lr = group["lr"]
         lr_tensor = None
         if isinstance(lr, Tensor) and (traced or (lr.device.type != "cpu" and lr.device == bucket.device)):
-            lr, lr_tensor = 0.0, _to(lr, bucket.device)
+            lr, lr_tensor = 0.0, lr if lr.device == bucket.device else _to(lr, bucket.device)
         seed = None
         if _rounds_stochastically(self._options, bucket.dtype):
             seed = (torch.ops.fastopt.rounding_seed(bucket.bound.params[0]) if traced
