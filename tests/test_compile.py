@@ -283,7 +283,9 @@ def test_reduce_overhead_captures_the_step_in_a_cuda_graph():
         torch.cuda.synchronize()
         runs.append(_params(model))
         if compiled:
+            # inductor counts every graph it could not capture (e.g. mutated
+            # inputs that are not static, a CPU tensor, a host sync).
+            assert counters["stats"]["unique_graphs"] >= 1
             assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-            assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] >= 0
     for got, expected in zip(runs[1], runs[0]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)  # inductor's forward/backward round differently
