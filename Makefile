@@ -12,12 +12,19 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h
 
 install: $(VENV)/.installed
 
+# Says what each step does; pip's output goes to $(VENV)/install.log, shown
+# (its end) only when a step fails.
 $(VENV)/.installed: $(SOURCES)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q setuptools wheel ninja cmake
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
-	touch $@
+	@echo "install: creating $(VENV) (log: $(VENV)/install.log)"
+	@$(PYTHON) -m venv $(VENV) && : > $(VENV)/install.log
+	@echo "install: [1/3] torch==$(TORCH_VERSION), CPU build (about a minute the first time)"
+	@$(PY) -m pip install torch==$(TORCH_VERSION) >> $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
+	@echo "install: [2/3] build tools (setuptools, wheel, ninja, cmake)"
+	@$(PY) -m pip install setuptools wheel ninja cmake >> $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
+	@echo "install: [3/3] test and bench tools, and fastopt's C++ extension compiled against that torch (several minutes on 2 cores)"
+	@$(PY) -m pip install --no-build-isolation -e '.[test,bench]' >> $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; exit 1; }
+	@touch $@
+	@echo "install: done"
 
 test: pytest ctest ctest-sanitize
 

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks one optimizer step of fastopt against torch.optim (for-loop, foreach, "
                     "fused), DeepSpeed's CPU optimizers when importable, and the roofline op, with the "
                     "device's copy bandwidth as a reference; writes results.json, report.md and PNG "
-                    "plots into --out.  On a GPU, bench/gpu_run.sh runs issue #3's measurements.",
+                    "plots into --out.  On a GPU, bench/gpu_run.sh runs the CUDA targets' measurements.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"small subset in seconds: {QUICK['workloads'][0]}, Adam + SGD momentum, fp32, "
                              "fastopt fused vs torch fused vs roofline, short timing (explicit flags win)")
     parser.add_argument("--workloads", type=_list(tuple(WORKLOADS)), default=None,
-                        help=f"comma list from {','.join(WORKLOADS)} [default: {','.join(DEFAULT_WORKLOADS)}]")
+                        help=f"comma list from {','.join(WORKLOADS)} [default: {','.join(DEFAULT_WORKLOADS)}; "
+                             "those for another device are left out, with a note in the report]")
     parser.add_argument("--optimizers", type=_list(tuple(SPECS)), default=None,
                         help=f"comma list from {','.join(SPECS)} [default: {','.join(DEFAULT_OPTIMIZERS)}]")
     parser.add_argument("--dtypes", type=_list(tuple(runner.DTYPES)), default=None,
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     workloads = pick("workloads", tuple(name for name in DEFAULT_WORKLOADS
                                         if device.type in WORKLOADS[name].devices))
+    left_out = [name for name in DEFAULT_WORKLOADS if name not in workloads] if not args.workloads else []
     unrunnable = [name for name in workloads if device.type not in WORKLOADS[name].devices]
     if unrunnable:
         print(f"python -m bench: workload(s) {', '.join(unrunnable)} run on "
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
     llc_bytes, llc_source = system.last_level_cache(device)
     notes = runner.Notes()
+    for name in left_out:
+        if device.type not in WORKLOADS[name].devices:
+            notes.add(f"workload {name} not run: it runs on {' or '.join(WORKLOADS[name].devices)} only "
+                      f"({WORKLOADS[name].description})")
     config = runner.Config(
         workloads=list(workloads), optimizers=list(optimizers), dtypes=list(dtypes), impls=list(impls),
         device=device,

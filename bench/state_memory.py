@@ -1,5 +1,5 @@
 """State memory of fastopt.Adam with ``state_dtype=torch.bfloat16`` against
-float32 state, on each workload's shapes (issue #5: exactly half)."""
+float32 state, on each workload's shapes (target: exactly half)."""
 from __future__ import annotations
 
 from typing import Any

@@ -4,7 +4,9 @@
 // shows up in the profiler and under torch.compile.  fastopt/reference.py
 // implements the same signatures in plain PyTorch; the Python optimizers call
 // whichever backend is chosen with identical arguments.  Kernels register per
-// device (csrc/cpu/optimizer_ops_cpu.cpp, csrc/cuda/optimizer_ops_cuda.cpp).
+// device (csrc/cpu/optimizer_ops_cpu.cpp, csrc/cuda/optimizer_ops_cuda.cpp);
+// their fake implementations, for torch.compile, are in fastopt/_fake.py.  The
+// schemas mark every list an op writes (a!), as functionalization relies on.
 //
 // Every optimizer op also takes, keyword-only and optional:
 //   lr_tensor   a one-element tensor that replaces lr; on the params' CUDA

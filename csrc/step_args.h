@@ -8,9 +8,12 @@
 #include <optional>
 
 // The schema text of those arguments, shared by the list and bound ops.
+// rounding_seed is a SymInt so that a step compiled by torch.compile can pass
+// the seed it draws at run time (Note [Compiled steps] in fastopt/optimizer.py);
+// the kernels still take it as int64_t.
 #define FASTOPT_STEP_ARGS                                                                   \
   "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "               \
-  "Tensor(z!)[]? master_params=None, int? rounding_seed=None"
+  "Tensor(z!)[]? master_params=None, SymInt? rounding_seed=None"
 
 // The bound ops (bound_ops.cpp) take the same but master_params, which are
 // bound with the other tensors.

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import _fake, reference
 
 try:
     importlib.import_module(f"{__package__}._C")  # registers torch.ops.fastopt
@@ -22,13 +22,15 @@ try:
     _LOAD_ERROR: str | None = None
 except Exception as error:  # any failure to load means: use the reference
     _LOAD_ERROR = f"{type(error).__name__}: {error}"
+else:
+    _fake.register_fakes()
 
 BACKENDS = ("auto", "fused", "reference")
 _ENV_BACKEND = "FASTOPT_BACKEND"
 _fallback_warned = False
 
 
-def _compiled_device_types() -> tuple[str, ...]:
+def _registered_device_types() -> tuple[str, ...]:
     if _LOAD_ERROR is not None:
         return ()
     return tuple(
@@ -38,10 +40,15 @@ def _compiled_device_types() -> tuple[str, ...]:
     )
 
 
+# Asked once: every kernel registers when fastopt._C loads, and a compiled
+# step cannot trace the dispatcher query (it returns no tensor).
+_COMPILED_DEVICE_TYPES = _registered_device_types()
+
+
 def backends() -> dict[str, Any]:
     """What is compiled and loaded: devices with fused kernels, the CPU
     instruction set the kernels run with, and why loading failed (if it did)."""
-    devices = _compiled_device_types()
+    devices = _COMPILED_DEVICE_TYPES
     return {
         "fused_devices": list(devices),
         "cpu_capability": torch.ops.fastopt.cpu_capability() if "cpu" in devices else None,
@@ -78,7 +85,7 @@ def kernels_for(backend: str, device: torch.device) -> ModuleType | Any:
     step on ``device``: the compiled ops, or the reference module."""
     if backend == "reference":
         return reference
-    if device.type in _compiled_device_types():
+    if device.type in _COMPILED_DEVICE_TYPES:
         return _COMPILED
     reason = (
         f"the compiled extension failed to load ({_LOAD_ERROR})"

@@ -49,6 +49,29 @@ step (O(complex params)), so that a replaced ``p.data`` is followed.
 A param listed twice in a group is stepped twice, in order, as torch.optim
 does: its second entry goes to a later bucket (within one op call the two
 entries would race).
+
+Note [Compiled steps]
+torch.compile cannot trace the eager step: it cannot pass a BoundTensors
+script object to an op, and the plan cache lives outside any graph.  So
+``step`` makes one choice: while torch.compile traces it
+(``torch.compiler.is_compiling()``), it gathers each bucket's lists in Python
+(``_bucket_lists``, the same as a plan build, creating missing state) and
+calls the list ops (``torch.ops.fastopt.adam_``, ...) through the Python bound
+functions of fastopt.reference: the same kernels as the bound ops, seen by the
+compiler through their schemas and fake implementations (fastopt/_fake.py).
+The Python work is the tracer's, once per compile; the compiled graph holds
+only the op calls.  Differences in the traced step:
+- a tensor lr goes to the kernels as ``lr_tensor`` (read in double, as the
+  eager ``.item()``), so a scheduler changing it does not recompile; a float
+  lr is a constant of the graph (a new value compiles anew);
+- the stochastic rounding seed is drawn by the op ``fastopt::rounding_seed``
+  (the eager draw, opaque to the compiler, so the same numbers);
+- the grad norm of max_grad_norm is the list op on lists per group and device;
+- what the step records for later reads (``last_grad_norm``) goes into a
+  dict: torch.compile drops a traced step's attribute writes on an optimizer.
+The graph guards on the state it read: the first compiled step, which
+creates the state, and the second, which finds it, compile separately.
+Complex and DTensor params are not supported there (NotImplementedError).
 """
 from __future__ import annotations
 
@@ -60,7 +83,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import _extension, clip, reference
+from . import _extension, _fake, clip, reference
 
 
 @dataclass
@@ -144,12 +167,10 @@ def _slot_dtype(options: dict[str, Any], param: Tensor) -> torch.dtype:
     return torch.float32 if _has_master(options, param) else param.dtype
 
 
-def _rounding_seed(options: dict[str, Any], dtype: torch.dtype) -> int | None:
-    """A fresh seed from torch's default generator when the bucket's params
-    are stored with stochastic rounding, else None."""
-    if options["stochastic_rounding"] and dtype == torch.bfloat16 and not options["master_weights"]:
-        return int(torch.randint(2**31, (), dtype=torch.int64).item())
-    return None
+def _rounds_stochastically(options: dict[str, Any], dtype: torch.dtype) -> bool:
+    """Whether params of ``dtype`` are stored with stochastic rounding (each
+    step draws a seed for them)."""
+    return options["stochastic_rounding"] and dtype == torch.bfloat16 and not options["master_weights"]
 
 
 class _NothingChanged(Exception):
@@ -209,8 +230,7 @@ class _LocalShards(reference.BoundTensors):
 
     def __init__(self, ops: Any, params: list[Tensor], slots: list[Tensor], steps: list[Tensor],
                  masters: list[Tensor]):
-        super().__init__(params, slots, steps, masters)
-        self.ops = ops
+        super().__init__(params, slots, steps, masters, ops=ops)
 
     def step_tensors(self):
         tensors = super().step_tensors()
@@ -352,7 +372,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._reset_clip_state()
 
     def _reset_clip_state(self) -> None:
-        self.last_grad_norm: Tensor | None = None  # of the last clipped step, unscaled
+        # What a step records for later reads: in a dict, because torch.compile
+        # keeps a traced step's writes to a dict but drops its attribute writes
+        # on an optimizer (Note [Compiled steps]).
+        self._step_record: dict[str, Any] = {"called": False, "last_grad_norm": None}
         self._grad_bindings: _GradBindings | None = None
         # (the bindings they were taken with, sums of squares of the grads per
         # device), set by fastopt.GradScaler for the one step that follows its
@@ -458,9 +481,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             closure (Callable, optional): re-evaluates the model and returns the loss.
         """
         loss = None
+        self._step_record["called"] = True  # what the LR schedulers' step wrapper records (see below)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():  # Note [Compiled steps]
+            self._traced_step()
+            return loss
         try:
             self._apply(self._step_plans())
         except _NothingChanged as failure:
@@ -470,6 +497,43 @@ class FusedOptimizer(torch.optim.Optimizer):
             except _NothingChanged as retry:
                 raise retry.error from None
         return loss
+
+    # An LR scheduler wraps ``optimizer.step`` in a function of its own module
+    # to learn that it was called (for a warning on the order of the calls);
+    # torch.compile never traces that module, so a compiled training step
+    # with a scheduler would break there.  fastopt's step records the call
+    # itself (``_opt_called``) and says so, and the scheduler leaves it
+    # unwrapped (the mark survives torch.optim's hook wrapper, which copies it).
+    step._wrapped_by_lr_sched = True
+
+    @property
+    def _opt_called(self) -> bool:
+        """Whether ``step`` has run, for the LR schedulers' order check."""
+        return self._step_record["called"]
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The grad norm the last clipped step saw (unscaled), or None."""
+        return self._step_record["last_grad_norm"]
+
+    def _traced_step(self) -> None:
+        """The step while torch.compile traces it (Note [Compiled steps]): the
+        list ops on lists gathered in Python, which the compiler sees through."""
+        grad_scale, found_inf, grad_norm = self._step_scales(traced=True)
+        for group in self.param_groups:
+            lists, _, _ = self._bucket_lists(group)
+            for (device, dtype, fresh, sharded), (params, slots, steps, masters) in lists:
+                if dtype.is_complex or sharded:
+                    raise NotImplementedError(
+                        f"fastopt.{type(self).__name__}: a compiled step supports real, non-DTensor "
+                        f"params only (got {'complex' if dtype.is_complex else 'DTensor'} params); "
+                        "step outside torch.compile")
+                bound = reference.BoundTensors(params, [t for slot in slots for t in slot], steps, masters,
+                                               ops=_extension.kernels_for(self._backend, device))
+                bucket = _Bucket(reference, device, dtype, fresh, bound)
+                self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf, traced=True))
+        if grad_norm is not None:
+            self._step_record["last_grad_norm"] = grad_norm
 
     def _step_plans(self, kernels: Any = None) -> list[_Plan]:
         return [self._plan(index, group, kernels) for index, group in enumerate(self.param_groups)]
@@ -494,7 +558,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
                 ran_any = True
             if grad_norm is not None:
-                self.last_grad_norm = grad_norm
+                self._step_record["last_grad_norm"] = grad_norm
         except Exception as error:
             self.invalidate_plans()
             if ran_any:  # tensors were checked: not a failure of the tensors
@@ -539,21 +603,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
         return sparse
 
-    def _step_scales(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def _step_scales(self, traced: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """This step's ``grad_scale`` and ``found_inf`` for the ops: AMP's (set
         by GradScaler.step) with the clip coefficient folded in, and the grad
-        norm (None without max_grad_norm)."""
+        norm (None without max_grad_norm).  ``traced``: Note [Compiled steps]."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # fastopt.GradScaler's sums hold for this step only, whether used or not.
         scaler_sums, self._scaler_grad_sq_sums = self._scaler_grad_sq_sums, None
         if self._max_grad_norm is None:
             return grad_scale, found_inf, None
-        bindings = self._bound_grads()
+        # The sums fastopt.GradScaler took are this step's if taken with the
+        # same bindings (a traced step binds nothing: it reads the grads anew).
+        if traced:
+            bindings = self._grad_bindings
+            norm_dtype = clip.norm_dtype([p for group in self.param_groups for p in group["params"]])
+        else:
+            bindings = self._bound_grads()
+            norm_dtype = bindings.norm_dtype
         sq_sums = (scaler_sums[1] if scaler_sums is not None and scaler_sums[0] is bindings
                    else self._grad_sq_sums())
-        return clip.clipped_step_scales(sq_sums, self._max_grad_norm, grad_scale, found_inf,
-                                        bindings.norm_dtype)
+        return clip.clipped_step_scales(sq_sums, self._max_grad_norm, grad_scale, found_inf, norm_dtype)
 
     def _bound_grads(self) -> _GradBindings:
         if self._grad_bindings is None or not self._grad_bindings.fits(self.param_groups):
@@ -562,14 +632,30 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _grad_sq_sums(self) -> dict[torch.device, Tensor]:
         """The sum of squares of all grads of this optimizer per device
-        (float64 on that device): one ``grad_sq_norm`` pass over them."""
+        (float64 on that device): one ``grad_sq_norm`` pass over them, per
+        group and device.  Traced by torch.compile, the list op on lists
+        gathered in Python (Note [Compiled steps])."""
+        if torch.compiler.is_compiling():
+            buckets = [(device, reference, reference.BoundTensors(params, [], [], [], ops=kernels))
+                       for device, kernels, params in self._grad_buckets()]
+        else:
+            buckets = self._bound_grads().buckets
         sums: dict[torch.device, Tensor] = {}
-        for device, kernels, bound in self._bound_grads().buckets:
+        for device, kernels, bound in buckets:
             sq_sum = kernels.grad_sq_norm_bound_(bound)
             sums[device] = sq_sum if device not in sums else sums[device] + sq_sum
         return sums
 
     def _bind_grads(self) -> _GradBindings:
+        buckets = [(device, kernels, kernels.BoundTensors(params, [], [], []))
+                   for device, kernels, params in self._grad_buckets()]
+        params = [p for group in self.param_groups for p in group["params"]]
+        return _GradBindings([list(group["params"]) for group in self.param_groups], buckets,
+                             clip.norm_dtype(params))
+
+    def _grad_buckets(self) -> list[tuple[torch.device, Any, list[Tensor]]]:
+        """Every param of this optimizer, per group and device, with the
+        kernels of that device: (device, kernels, params)."""
         dtensor = _dtensor_type()
         buckets = []
         for group in self.param_groups:
@@ -582,27 +668,30 @@ class FusedOptimizer(torch.optim.Optimizer):
                         "use torch.nn.utils.clip_grad_norm_ before the step instead")
                 by_device.setdefault(p.device, []).append(p)
             for device, params in by_device.items():
-                kernels = _extension.kernels_for(self._backend, device)
-                buckets.append((device, kernels, kernels.BoundTensors(params, [], [], [])))
-        params = [p for group in self.param_groups for p in group["params"]]
-        return _GradBindings([list(group["params"]) for group in self.param_groups], buckets,
-                             clip.norm_dtype(params))
+                buckets.append((device, _extension.kernels_for(self._backend, device), params))
+        return buckets
 
     def _step_args(self, group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None,
-                   found_inf: Tensor | None) -> dict[str, Any]:
+                   found_inf: Tensor | None, traced: bool = False) -> dict[str, Any]:
         """The lr and the per-step tensors of one op call (Note [fastopt op
         schemas]).  A tensor lr on the bucket's accelerator is read there by
-        the kernels (no host sync: capturable); any other lr as a number."""
+        the kernels (no host sync: capturable); any other lr as a number,
+        except in a traced step (Note [Compiled steps]), where every tensor lr
+        goes to the kernels, which read it in double as ``.item()`` would."""
         lr = group["lr"]
         lr_tensor = None
-        if isinstance(lr, Tensor) and lr.device.type != "cpu" and lr.device == bucket.device:
-            lr, lr_tensor = 0.0, lr
+        if isinstance(lr, Tensor) and (traced or (lr.device.type != "cpu" and lr.device == bucket.device)):
+            lr, lr_tensor = 0.0, lr if lr.device == bucket.device else _to(lr, bucket.device)
+        seed = None
+        if _rounds_stochastically(self._options, bucket.dtype):
+            seed = (torch.ops.fastopt.rounding_seed(bucket.bound.params[0]) if traced
+                    else _fake.draw_rounding_seed())
         return {
             "lr": _scalar(lr),
             "lr_tensor": lr_tensor,
             "grad_scale": _to(grad_scale, bucket.device),
             "found_inf": _to(found_inf, bucket.device),
-            "rounding_seed": _rounding_seed(self._options, bucket.dtype),
+            "rounding_seed": seed,
         }
 
     # -- plans ---------------------------------------------------------------
@@ -624,6 +713,51 @@ class FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     def _build_plan(self, group: dict[str, Any], key: tuple, kernels: Any = None) -> _Plan:
+        lists, waiting, created = self._bucket_lists(group)
+        buckets = []
+        for (device, dtype, fresh, sharded), (params, slots, steps, masters) in lists:
+            bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
+            flat_slots = [t for slot in slots for t in slot]
+            if dtype.is_complex:
+                complex_tensors = (params, flat_slots, steps)
+                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors))
+            elif sharded:
+                bound = _LocalShards(bucket_kernels, params, flat_slots, steps, masters)
+                buckets.append(_Bucket(reference, device, dtype, fresh, bound))
+            else:
+                bound = bucket_kernels.BoundTensors(params, flat_slots, steps, masters)
+                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound))
+        single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
+        return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
+
+    def _complete_state(self, group: dict[str, Any], p: Tensor, create: bool) -> dict[str, Any]:
+        """``p``'s state, with its missing step count and slots created when
+        ``create``, its step count where the kernels count it and its master
+        copy (if it has one) made when missing."""
+        state = self.state[p] if create or p in self.state else {}  # no empty entries
+        if create:
+            if self._counts_steps and state.get("step") is None:
+                # zeros, not tensor(0.0): no host-to-device copy per param
+                state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
+            self._init_slots(group, p, state)
+        step = state.get("step") if self._counts_steps else None
+        if step is not None and (step.device != _step_device(p) or (
+                p.device.type != "cpu" and step.dtype != torch.float32)):
+            # e.g. loaded from torch.optim, which keeps steps on the CPU;
+            # the CUDA kernels count float32 steps on the device.
+            state["step"] = step.to(_step_device(p), torch.float32)
+        if _has_master(self._options, p) and state.get("master_param") is None:
+            # New, or loaded from a state_dict without one (torch.optim's).
+            state = self.state[p]
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        return state
+
+    def _bucket_lists(self, group: dict[str, Any]):
+        """The group's params with a grad or state, split into buckets, each
+        as ((device, dtype, fresh, DTensor?), (params, one list per slot,
+        steps, master copies)) in the order they step; the params still
+        waiting for their first grad; and the state this created or completed,
+        as it was before (see _Plan).  Creates missing state."""
         slot_names = self._slot_names(group)
         required = slot_names + (("step",) if self._counts_steps else ())
         # (device, dtype, fresh, DTensor?, occurrence) -> (params, one list per slot, steps, masters)
@@ -643,24 +777,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if fresh and p.grad is None:
                 waiting.append(p)
                 continue
-            if fresh and id(p) not in created_ids:
+            create = fresh and id(p) not in created_ids
+            if create:
                 created_ids.add(id(p))
                 created.append((p, dict(state) if p in self.state else None))
-                state = self.state[p]
-                if self._counts_steps and state.get("step") is None:
-                    # zeros, not tensor(0.0): no host-to-device copy per param
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
-                self._init_slots(group, p, state)
-            step = state.get("step") if self._counts_steps else None
-            if step is not None and (step.device != _step_device(p) or (
-                    p.device.type != "cpu" and step.dtype != torch.float32)):
-                # e.g. loaded from torch.optim, which keeps steps on the CPU;
-                # the CUDA kernels count float32 steps on the device.
-                state["step"] = step.to(_step_device(p), torch.float32)
-            if _has_master(self._options, p) and state.get("master_param") is None:
-                # New, or loaded from a state_dict without one (torch.optim's).
-                state = self.state[p]
-                state["master_param"] = p.detach().to(torch.float32, copy=True)
+            state = self._complete_state(group, p, create)
             sharded = dtensor is not None and isinstance(p, dtensor)
             params, slots, steps, masters = lists.setdefault(
                 (p.device, p.dtype, fresh, sharded, occurrence), ([], [[] for _ in slot_names], [], [])
@@ -672,23 +793,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 steps.append(state["step"])
             if _has_master(self._options, p):
                 masters.append(state["master_param"])
-        buckets = []
         # Sorted by occurrence: a param's second entry steps after its first.
-        for (device, dtype, fresh, sharded, _), (params, slots, steps, masters) in sorted(
-                lists.items(), key=lambda item: item[0][4]):
-            bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
-            flat_slots = [t for slot in slots for t in slot]
-            if dtype.is_complex:
-                complex_tensors = (params, flat_slots, steps)
-                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors))
-            elif sharded:
-                bound = _LocalShards(bucket_kernels, params, flat_slots, steps, masters)
-                buckets.append(_Bucket(reference, device, dtype, fresh, bound))
-            else:
-                bound = bucket_kernels.BoundTensors(params, flat_slots, steps, masters)
-                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound))
-        single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
-        return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
+        ordered = sorted(lists.items(), key=lambda item: item[0][4])
+        return [(key[:4], tensors) for key, tensors in ordered], waiting, created
 
 
 __all__ = ["FusedOptimizer"]

@@ -438,13 +438,16 @@ class BoundTensors:
     """A bucket's params, state slots (slot-major, like the C++ class) and step
     counts, bound once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
 
-    # The list ops a step calls (``adam_``, ...): this module's.  Buckets of
-    # DTensor params bind a subclass that can route them to the compiled ops
-    # (Note [Step plans] in fastopt/optimizer.py).
+    # The list ops a step calls (``adam_``, ...): this module's, or those
+    # given as ``ops`` (the compiled ops for DTensor buckets and for steps
+    # traced by torch.compile, Notes [Step plans] and [Compiled steps] in
+    # fastopt/optimizer.py).
     ops: Any = sys.modules[__name__]
 
     def __init__(self, params: list[Tensor], slots: list[Tensor], steps: list[Tensor],
-                 masters: list[Tensor]) -> None:
+                 masters: list[Tensor], ops: Any = None) -> None:
+        if ops is not None:
+            self.ops = ops
         n = len(params)
         if (len(slots) % n if n else len(slots)) != 0:
             raise RuntimeError(f"fastopt.BoundTensors: slots must hold whole lists of {n} tensors, "

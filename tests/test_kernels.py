@@ -444,7 +444,7 @@ def test_auto_uses_compiled_kernels_when_loaded(cls, no_backend_env, reference_c
 
 @pytest.fixture
 def kernels_unavailable(monkeypatch, no_backend_env):
-    monkeypatch.setattr(_extension, "_compiled_device_types", lambda: ())
+    monkeypatch.setattr(_extension, "_COMPILED_DEVICE_TYPES", ())
     monkeypatch.setattr(_extension, "_fallback_warned", False)
 
 
@@ -458,7 +458,7 @@ def test_fused_without_kernels_is_an_error(cls, kernels_unavailable):
 
 def test_fused_add_param_group_without_kernels_is_an_error(no_backend_env, monkeypatch):
     optimizer = fastopt.Adam(_params(), backend="fused")
-    monkeypatch.setattr(_extension, "_compiled_device_types", lambda: ())
+    monkeypatch.setattr(_extension, "_COMPILED_DEVICE_TYPES", ())
     with pytest.raises(RuntimeError, match="backend='fused' needs compiled kernels"):
         optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
 
