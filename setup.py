@@ -16,13 +16,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -ffp-contract=off: no fused multiply-add contraction, so the AVX-512, AVX2
 # and baseline element loops round identically (Note [CPU driver layout]).
 # -fno-math-errno lets sqrt vectorize.  No -march: the ISA is chosen at run
-# time per function, so one wheel runs on any x86-64.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno"]
+# time per function, so one wheel runs on any x86-64.  No -std: torch's
+# BuildExtension adds the standard its headers need (C++20 since torch 2.14
+# refuses C++17).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 # --fmad=false: no multiply-add contraction on the device either, so the CUDA
 # kernels round every operation as the CPU kernels do (bit-identical where
 # the per-step scalars agree; Note [CUDA emulation]).  The steps are
 # memory-bound: the extra instructions cost no time.
-NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+NVCC_FLAGS = ["-O3", "--fmad=false"]
 # at::parallel_for is inline and splits work only where the caller is built
 # with OpenMP (torch's Linux wheels use OpenMP; libgomp resolves to torch's
 # own copy, so there is one thread pool and torch.set_num_threads applies).

@@ -17,7 +17,7 @@ start=$SECONDS
 for source in csrc/cuda/*.cu; do
   for arch in 80 90; do
     echo "nvcc sm_$arch: $source"
-    "$NVCC" -std=c++17 -O3 --fmad=false -c "$source" -o "$out/$(basename "$source" .cu).sm_$arch.o" \
+    "$NVCC" -std=c++20 -O3 --fmad=false -c "$source" -o "$out/$(basename "$source" .cu).sm_$arch.o" \
       -gencode "arch=compute_$arch,code=sm_$arch" \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (`make gpu-check OUT=DIR`): builds
 # fastopt's CUDA extension for the local GPU only, with every core; runs every
-# CUDA test (tests/test_cuda.py and the CUDA halves of the AMP, clip and
-# large-model tests: parity with torch.optim, graph capture, unaligned, many
-# and huge tensors); then the GPU bench (bench/gpu_run.sh).  Writes into DIR:
+# CUDA test (tests/test_cuda.py and the CUDA halves of the AMP, clip,
+# large-model and torch.compile tests: parity with torch.optim, graph capture,
+# unaligned, many and huge tensors); then the GPU bench (bench/gpu_run.sh).  Writes into DIR:
 #   summary.md     what ran, how long each part took, the failing tests by name
 #   build.log      the extension build
 #   tests.log      pytest's output (tests.xml: JUnit)
@@ -96,7 +96,7 @@ note "- $((SECONDS - step_start)) s: \`TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(npr
 step_start=$SECONDS
 note ""
 note "## Tests"
-tests=(tests/test_cuda.py tests/test_amp.py tests/test_clip.py tests/test_large_model.py)
+tests=(tests/test_cuda.py tests/test_amp.py tests/test_clip.py tests/test_large_model.py tests/test_compile.py)
 if [[ $built == 1 || "$dry_run" == 1 ]]; then
   run_step "${TEST_TIMEOUT:-240}" "$out/tests.log" \
     env PYTHONPATH="$repo" "$PYTHON" -m pytest -q -rfE -p no:cacheprovider -k cuda \
