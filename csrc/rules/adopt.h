@@ -21,7 +21,6 @@
 
 #include "adam.h"  // WeightDecay
 #include "common.h"
-#include "interface_shim.h"
 
 namespace fastopt::rules {
 

@@ -15,7 +15,6 @@
 #include <cmath>
 
 #include "common.h"
-#include "interface_shim.h"
 
 namespace fastopt::rules {
 

@@ -9,7 +9,6 @@
 #pragma once
 
 #include "common.h"
-#include "interface_shim.h"
 #include "sign.h"
 
 namespace fastopt::rules {
