@@ -466,7 +466,9 @@ def rprop_(params, grads, prevs, step_sizes, state_steps, *, lr, etaminus, etapl
         p, prev, step_size = st.param(i, param), st.load(prevs[i]), st.load(step_sizes[i])
         g = st.grad(grads[i], maximize)
         agreement = g * prev
-        factor = torch.where(agreement > 0, etaplus, torch.where(agreement < 0, etaminus, 1.0))
+        # ones_like: a where() of two Python numbers would be float32, rounding float64's etas.
+        factor = torch.where(agreement > 0, etaplus,
+                             torch.where(agreement < 0, etaminus, torch.ones_like(agreement)))
         step_size.mul_(factor).clamp_(step_size_min, step_size_max)
         g = torch.where(agreement < 0, 0.0, g)
         p.sub_(g.sign() * step_size)
