@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The reference's default clip schedule, step**0.25: fastopt's function object,
+# so that the signatures compare equal (fastopt.ADOPT accepts only it or None).
+from fastopt.adopt import default_clip_lambda
+
 
 def _check_lr_betas_weight_decay(lr, betas, weight_decay) -> None:
     """torch.optim.Adam's checks and wording, for the hyperparameters Lion and ADOPT share with it."""
@@ -70,10 +74,6 @@ class Lion(torch.optim.Optimizer):
                 p.add_(exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sign_(), alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
         return loss
-
-
-def default_clip_lambda(step):
-    return step**0.25
 
 
 class ADOPT(torch.optim.Optimizer):
