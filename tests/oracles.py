@@ -1,7 +1,7 @@
 """Oracles for the optimizers torch.optim lacks: for-loop implementations in
-the style of torch.optim's single-tensor paths (``foreach=False``), written
-from the papers and the authors' code, standing where the tests use
-``torch.optim.X(params, foreach=False)``.
+the style of torch.optim's single-tensor paths (``foreach=False``; complex
+params stepped as real pairs), written from the papers and the authors' code,
+standing where the tests use ``torch.optim.X(params, foreach=False)``.
 
 Why not the PyPI packages themselves (tests/test_oracles.py compares these
 classes to them element-wise, and skips when they are missing):
@@ -26,10 +26,13 @@ from torch import Tensor
 from fastopt.adopt import default_clip_lambda
 
 
-def _check_lr_betas_weight_decay(lr, betas, weight_decay) -> None:
+def _check_lr_betas_weight_decay(lr, betas, weight_decay, foreach, capturable) -> None:
     """torch.optim.Adam's checks and wording, for the hyperparameters Lion and ADOPT share with it."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= betas[0] < 1.0:
@@ -44,12 +47,17 @@ def _value(x) -> float:
     return x.item() if isinstance(x, Tensor) else x
 
 
+def _real(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Complex tensors as (real, imaginary) pairs, as torch.optim steps them."""
+    return tuple(torch.view_as_real(t) if t.is_complex() else t for t in tensors)
+
+
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al. 2023, Program 1) in lion-pytorch's order of operations."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, fused=None):
-        _check_lr_betas_weight_decay(lr, betas, weight_decay)
+        _check_lr_betas_weight_decay(lr, betas, weight_decay, foreach, capturable)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                                       foreach=foreach, capturable=capturable,
                                       differentiable=differentiable, fused=fused))
@@ -69,7 +77,7 @@ class Lion(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg = state["exp_avg"]
+                p, grad, exp_avg = _real(p, grad, state["exp_avg"])
                 p.mul_(1 - lr * wd)
                 p.add_(exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sign_(), alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
@@ -85,7 +93,7 @@ class ADOPT(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, clip_lambda=default_clip_lambda,
                  weight_decay=0.0, decouple=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None):
-        _check_lr_betas_weight_decay(lr, betas, weight_decay)
+        _check_lr_betas_weight_decay(lr, betas, weight_decay, foreach, capturable)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         self.clip_lambda = clip_lambda
@@ -110,7 +118,7 @@ class ADOPT(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                p, grad, exp_avg, exp_avg_sq = _real(p, grad, state["exp_avg"], state["exp_avg_sq"])
                 state["step"] += 1
                 step = state["step"].item()
                 if wd != 0:
