@@ -1,20 +1,30 @@
-"""The test oracles of optimizers torch.optim lacks (tests/oracles.py) against
-the PyPI implementations the task names, element by element: lion-pytorch's
-Lion and pytorch-optimizer's ADOPT (both in pyproject's ``test`` extra; each
-test skips when its package is missing).
+"""The test oracles of optimizers torch.optim lacks (tests/oracles.py), and
+fastopt.Lion / fastopt.ADOPT themselves, against the PyPI implementations:
+lion-pytorch's Lion and pytorch-optimizer's ADOPT (both in pyproject's
+``test`` extra; each test skips when its package is missing), element by
+element.
 
-Both sides run the same torch ops in the same order, so the comparison is
-exact.  Where the packages' options differ from the oracles' (lion-pytorch
-has no ``maximize``: it gets the negated grads; pytorch-optimizer names
-decoupled weight decay ``weight_decouple``), the test maps them.
+The oracles run the packages' torch ops in the same order, so they must match
+exactly; fastopt within the parity tolerance of torch.optim (Note [Parity
+tolerances] in test_parity.py).  Where the packages' options differ (lion-
+pytorch has no ``maximize``: it gets the negated grads; pytorch-optimizer
+names decoupled weight decay ``weight_decouple`` and keeps its step count in
+the param group), the tests map them.  The packages step complex params
+differently (lion-pytorch takes the complex sign z/|z|), so the comparisons
+are on real params; fastopt steps complex params as real pairs, as torch.optim
+and the oracles do.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import fastopt
 import oracles
 from registry import SHAPES_BY_ID, GradientFeed, clone_params, make_params
+from test_parity import K_VS_TORCH, assert_scaled_close, rms
+
+BACKENDS = ("fused", "reference")
 
 STEPS = 10
 SHAPE = SHAPES_BY_ID["chunks-mixed-list"]  # several tensors, 2-D ones, an empty one
@@ -88,3 +98,60 @@ def test_adopt_oracle_matches_pytorch_optimizer(options):
     assert_moved(params, initial, 0.99)
     assert package.param_groups[0]["step"] == STEPS
     assert all(oracle.state[p]["step"].item() == STEPS for p in params)
+
+
+def assert_close_runs(params, other_params, optimizer, other_optimizer, keys):
+    """Within the parity tolerance (float32), over all params per key."""
+    for key in ("param", *keys):
+        def flat(ps, opt):
+            return torch.cat([(p.detach() if key == "param" else opt.state[p][key]).reshape(-1) for p in ps])
+        actual, expected = flat(params, optimizer), flat(other_params, other_optimizer)
+        assert_scaled_close(actual, expected, K_VS_TORCH, torch.float32, rms(expected), key)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", LION_OPTIONS, ids=["default", "betas-weight_decay", "maximize"])
+def test_fastopt_lion_matches_lion_pytorch(options, backend):
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    initial = make_params(SHAPE, torch.float32, seed=0)
+    params, package_params = clone_params(initial), clone_params(initial)
+    optimizer = fastopt.Lion(params, backend=backend, **options)
+    package = lion_pytorch.Lion(package_params, **{k: v for k, v in options.items() if k != "maximize"})
+    feed = GradientFeed(seed=1)
+    for _ in range(STEPS):
+        feed.set_grads(params, package_params)
+        if options.get("maximize"):
+            for q in package_params:
+                q.grad.neg_()
+        optimizer.step()
+        package.step()
+    assert_close_runs(params, package_params, optimizer, package, ("exp_avg",))
+    assert set(optimizer.state[params[0]]) == set(package.state[package_params[0]]) == {"exp_avg"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", ADOPT_OPTIONS, ids=["default", "no_clip", "l2", "decoupled-maximize"])
+def test_fastopt_adopt_matches_pytorch_optimizer(options, backend):
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    initial = make_params(SHAPE, torch.float32, seed=0)
+    params, package_params = clone_params(initial), clone_params(initial)
+    optimizer = fastopt.ADOPT(params, backend=backend, **options)
+    package_options = {("weight_decouple" if k == "decouple" else k): v for k, v in options.items()}
+    package = pytorch_optimizer.ADOPT(package_params, foreach=False, **package_options)
+    feed = GradientFeed(seed=1)
+    for _ in range(STEPS):
+        feed.set_grads(params, package_params)
+        optimizer.step()
+        package.step()
+    assert_close_runs(params, package_params, optimizer, package, ("exp_avg", "exp_avg_sq"))
+    assert all(optimizer.state[p]["step"].item() == package.param_groups[0]["step"] for p in params)
+
+
+def test_adopt_clip_lambda_is_the_default_schedule_or_none():
+    """The kernels compute the reference's clip bound step**0.25 from each
+    tensor's step count: other schedules are refused before anything is built."""
+    params = make_params(SHAPE, torch.float32, seed=0)
+    assert fastopt.ADOPT(params).clip_lambda is fastopt.adopt.default_clip_lambda
+    assert fastopt.ADOPT(params, clip_lambda=None).clip_lambda is None
+    with pytest.raises(ValueError, match="clip_lambda=None .* or the default"):
+        fastopt.ADOPT(params, clip_lambda=lambda step: step**0.5)
