@@ -22,14 +22,22 @@
 
 #include "rules/adagrad.h"
 #include "rules/adam.h"
+#include "rules/adopt.h"
+#include "rules/asgd.h"
+#include "rules/lion.h"
 #include "rules/rmsprop.h"
+#include "rules/rprop.h"
 #include "rules/sgd.h"
 
 #define FASTOPT_OPTIMIZERS(X) \
   X(adam, AdamOptimizer)      \
   X(sgd, SgdOptimizer)        \
   X(rmsprop, RmspropOptimizer) \
-  X(adagrad, AdagradOptimizer)
+  X(adagrad, AdagradOptimizer)  \
+  X(asgd, AsgdOptimizer)        \
+  X(rprop, RpropOptimizer)      \
+  X(lion, LionOptimizer)        \
+  X(adopt, AdoptOptimizer)
 
 namespace fastopt {
 

@@ -430,7 +430,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key == "step" or not isinstance(value, Tensor) or not p.is_floating_point():
+                if key in self._scalar_states:
+                    # torch.optim casts every state but `step` to the param's dtype; all
+                    # scalar states (ASGD's eta and mu too) keep the dtype they were saved with.
+                    self.state[p][key] = value
+                    continue
+                if not isinstance(value, Tensor) or not p.is_floating_point():
                     continue
                 dtype = torch.float32 if key == "master_param" else _slot_dtype(self._options, p)
                 if dtype != p.dtype:

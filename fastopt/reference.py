@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "adam_", "sgd_", "rmsprop_", "adagrad_", "grad_sq_norm",
+    "adam_", "sgd_", "rmsprop_", "adagrad_", "asgd_", "rprop_", "lion_", "adopt_", "grad_sq_norm",
     "BoundTensors", "tensor_problem", "is_dense", "grad_sq_norm_bound_",
 ]
 
@@ -410,6 +410,138 @@ def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, 
     state_sum.add_(at_indices(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
     param.add_(at_indices(values / std_values), alpha=-clr)
+
+
+@torch.no_grad()
+def asgd_(params, grads, axs, state_steps, etas, mus, *, lr, lambd, alpha, t0, weight_decay, maximize,
+          lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """ASGD (csrc/rules/asgd.h), with eta and mu as the previous step stored them::
+
+        g = -g if maximize;  g += wd*p;  p = p*(1 - lambd*eta) - eta*g
+        ax = p (mu == 1)  or  ax += (p - ax)*mu
+        t += 1;  eta = lr / (1 + lambd*lr*t)^alpha;  mu = 1 / max(1, t - t0)
+    """
+    st = _Step("asgd_", params, grads, {"axs": axs}, {"state_steps": state_steps, "etas": etas, "mus": mus},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        eta, mu = etas[i].item(), mus[i].item()
+        step = _increment(state_steps[i])
+        p, ax = st.param(i, param), st.load(axs[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        p.mul_(1 - lambd * eta).add_(g, alpha=-eta)
+        if mu == 1:
+            ax.copy_(p)
+        else:
+            ax.add_((p - ax).mul_(mu))
+        st.store_param(i, param, p)
+        _store(axs[i], ax)
+        etas[i].fill_(lr / (1 + lambd * lr * step) ** alpha)
+        mus[i].fill_(1 / max(1, step - t0))
+
+
+@torch.no_grad()
+def rprop_(params, grads, prevs, step_sizes, state_steps, *, lr, etaminus, etaplus, step_size_min,
+           step_size_max, maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
+           rounding_seed=None) -> None:
+    """Rprop (csrc/rules/rprop.h); ``lr`` only fills new step sizes (the class's)::
+
+        g = -g if maximize;  x = g*prev
+        step_size = clamp(step_size * (etaplus if x > 0, etaminus if x < 0, else 1), min, max)
+        g = 0 where x < 0;  p -= sign(g)*step_size;  prev = g
+    """
+    st = _Step("rprop_", params, grads, {"prevs": prevs, "step_sizes": step_sizes},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    for i, param in enumerate(params):
+        _increment(state_steps[i])
+        p, prev, step_size = st.param(i, param), st.load(prevs[i]), st.load(step_sizes[i])
+        g = st.grad(grads[i], maximize)
+        agreement = g * prev
+        # ones_like: a where() of two Python numbers would be float32, rounding float64's etas.
+        factor = torch.where(agreement > 0, etaplus,
+                             torch.where(agreement < 0, etaminus, torch.ones_like(agreement)))
+        step_size.mul_(factor).clamp_(step_size_min, step_size_max)
+        g = torch.where(agreement < 0, 0.0, g)
+        p.sub_(g.sign() * step_size)
+        prev.copy_(g)
+        st.store_param(i, param, p)
+        _store(prevs[i], prev)
+        _store(step_sizes[i], step_size)
+
+
+@torch.no_grad()
+def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, lr_tensor=None,
+          grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """Lion (csrc/rules/lion.h)::
+
+        g = -g if maximize;  p *= 1 - lr*wd
+        p -= lr * sign(beta1*m + (1 - beta1)*g);  m = beta2*m + (1 - beta2)*g
+    """
+    st = _Step("lion_", params, grads, {"exp_avgs": exp_avgs}, {},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        p, exp_avg = st.param(i, param), st.load(exp_avgs[i])
+        g = st.grad(grads[i], maximize)
+        p.mul_(1 - lr * weight_decay)
+        p.add_((beta1 * exp_avg).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
+        exp_avg.mul_(beta2).add_(g, alpha=1 - beta2)
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+
+
+@torch.no_grad()
+def adopt_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+           decoupled_weight_decay, clip_normalized_grad, maximize, lr_tensor=None, grad_scale=None,
+           found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """ADOPT (csrc/rules/adopt.h)::
+
+        g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2);  t += 1
+        t == 1:  v += g*g
+        t > 1:   n = g / max(sqrt(v), eps), clamped to +-t^(1/4) (clip_normalized_grad)
+                 m += (1 - beta1)*(n - m);  p -= lr*m;  v = beta2*v + (1 - beta2)*g*g
+    """
+    st = _Step("adopt_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        if step == 1:
+            exp_avg_sq.add_(g * g)
+        else:
+            normed_grad = g / exp_avg_sq.sqrt().clamp_(min=eps)
+            if clip_normalized_grad:
+                clip = step**0.25
+                normed_grad.clamp_(-clip, clip)
+            exp_avg.add_(normed_grad - exp_avg, alpha=1 - beta1)
+            p.add_(exp_avg, alpha=-lr)
+            exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 import fastopt
+import oracles  # torch.optim-style oracles of the optimizers torch.optim lacks
 from fastopt.reference import is_dense  # the layout the kernels walk in place
 
 # -- optimizers × options ------------------------------------------------------
@@ -98,10 +99,55 @@ OPTIMIZERS: list[OptimizerCase] = [
                   {"lr": 1e-1, "initial_accumulator_value": 0.5, "eps": 1e-6}),
     OptimizerCase("adagrad-weight_decay-maximize", torch.optim.Adagrad, fastopt.Adagrad,
                   {"lr": 1e-1, "weight_decay": 0.0731, "maximize": True}),
+    # ASGD: eta and mu are scalar states the previous step stored.  The default
+    # t0 (1e6) keeps mu = 1 (ax copies the param); t0 = 3 averages from step 5
+    # on, a fractional t0 gives fractional mu.
+    OptimizerCase("asgd-default", torch.optim.ASGD, fastopt.ASGD, {"lr": 5e-2}),
+    OptimizerCase("asgd-averaging", torch.optim.ASGD, fastopt.ASGD,
+                  {"lr": 5e-2, "lambd": 0.0731, "alpha": 0.6, "t0": 3}),
+    OptimizerCase("asgd-weight_decay-maximize", torch.optim.ASGD, fastopt.ASGD,
+                  {"lr": 5e-2, "t0": 2.5, "weight_decay": 0.0731, "maximize": True}),
+    OptimizerCase("asgd-tensor_lr", torch.optim.ASGD, fastopt.ASGD,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64), "t0": 4}),
+    # Rprop: step sizes start at lr; step_sizes (0.02, 0.2) make both bounds
+    # clamp (0.05 * 0.37 < 0.02 on the first sign change).
+    OptimizerCase("rprop-default", torch.optim.Rprop, fastopt.Rprop, {"lr": 5e-2}),
+    OptimizerCase("rprop-etas-step_sizes", torch.optim.Rprop, fastopt.Rprop,
+                  {"lr": 5e-2, "etas": (0.37, 1.31), "step_sizes": (0.02, 0.2)}),
+    OptimizerCase("rprop-maximize", torch.optim.Rprop, fastopt.Rprop, {"lr": 5e-2, "maximize": True}),
+    # Lion (oracle: tests/oracles.py, checked against lion-pytorch in
+    # test_oracles.py).  Every row decays the weights: without decay each step
+    # moves an element by exactly +-lr, and ten steps bring ~25% of them back
+    # exactly to their start, which test_params_move rightly cannot tell from
+    # no update.  weight_decay=0 is the same arithmetic (factor 1), compared
+    # with lion-pytorch in test_oracles.py.
+    OptimizerCase("lion-weight_decay", oracles.Lion, fastopt.Lion, {"lr": 5e-2, "weight_decay": 0.0731}),
+    OptimizerCase("lion-betas-maximize", oracles.Lion, fastopt.Lion,
+                  {"lr": 5e-2, "betas": (0.8, 0.95), "weight_decay": 0.0517, "maximize": True}),
+    OptimizerCase("lion-tensor_lr", oracles.Lion, fastopt.Lion,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64), "weight_decay": 0.0731}),
+    # ADOPT (oracle: tests/oracles.py, the authors' reference, checked against
+    # pytorch-optimizer in test_oracles.py): the first step only initializes
+    # exp_avg_sq; clipping on (default) or off; L2 or decoupled weight decay.
+    # lr 0.1: nine updates of a clipped, averaged direction must still move
+    # bfloat16 params by several ulps (test_params_move).
+    OptimizerCase("adopt-default", oracles.ADOPT, fastopt.ADOPT, {"lr": 1e-1}),
+    OptimizerCase("adopt-no_clip", oracles.ADOPT, fastopt.ADOPT,
+                  {"lr": 5e-2, "clip_lambda": None, "betas": (0.8, 0.99), "eps": 1e-4}),
+    OptimizerCase("adopt-weight_decay", oracles.ADOPT, fastopt.ADOPT, {"lr": 1e-1, "weight_decay": 0.0731}),
+    OptimizerCase("adopt-decouple-maximize", oracles.ADOPT, fastopt.ADOPT,
+                  {"lr": 1e-1, "weight_decay": 0.0517, "decouple": True, "maximize": True}),
+    OptimizerCase("adopt-tensor_lr", oracles.ADOPT, fastopt.ADOPT,
+                  {"lr": torch.tensor(8e-2, dtype=torch.float64)}),
 ]
 
 OPTIMIZER_IDS = [case.id for case in OPTIMIZERS]
 OPTIMIZERS_BY_ID = {case.id: case for case in OPTIMIZERS}
+
+# State keys of per-tensor scalar states (0-dim float32 tensors that the
+# optimizers keep whatever the param's dtype: torch's `step`, ASGD's `eta` and
+# `mu`), as opposed to slots shaped like the param.
+SCALAR_STATE_KEYS = frozenset(key for case in OPTIMIZERS for key in case.fastopt_cls._scalar_states)
 
 
 # -- shapes --------------------------------------------------------------------
@@ -297,11 +343,11 @@ def run_steps(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], feed: 
 
 @torch.no_grad()
 def round_through(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype) -> None:
-    """Rounds every param and state tensor (but the step counts) to ``dtype``, in place."""
+    """Rounds every param and state slot (not the scalar states) to ``dtype``, in place."""
     for p in params:
         p.copy_(p.to(dtype))
         for key, value in optimizer.state.get(p, {}).items():
-            if key != "step" and isinstance(value, Tensor):
+            if key not in SCALAR_STATE_KEYS and isinstance(value, Tensor):
                 value.copy_(value.to(dtype))
 
 
@@ -319,7 +365,7 @@ def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list
 
 
 __all__ = [
-    "OptimizerCase", "OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "ShapeCase", "SHAPES",
+    "OptimizerCase", "OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase", "SHAPES",
     "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
     "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",
     "GradientFeed", "run_steps", "round_through", "snapshot", "is_dense",

@@ -22,6 +22,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
 import fastopt
+import oracles
 
 BACKENDS = ("fused", "reference")
 
@@ -50,13 +51,33 @@ CONFIGS = {
         dict(lr=0.1),
         dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
     ],
+    "ASGD": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, lambd=0.01, alpha=0.6, t0=2, weight_decay=0.01, maximize=True),
+    ],
+    "Rprop": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, etas=(0.4, 1.3), step_sizes=(1e-3, 1.0), maximize=True),
+    ],
+    # Oracles: tests/oracles.py.
+    "Lion": [
+        dict(lr=1e-3),
+        dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.05, maximize=True),
+    ],
+    # Decoupled weight decay in both: a param's first ADOPT step only
+    # initializes exp_avg_sq, and these tests expect every step to move it.
+    "ADOPT": [
+        dict(lr=1e-2, weight_decay=0.01, decouple=True),
+        dict(lr=1e-2, clip_lambda=None, eps=1e-4, weight_decay=0.05, decouple=True, maximize=True),
+    ],
 }
 CASES = [
     pytest.param((name, kw), id=f"{name}-{i}")
     for name, kws in CONFIGS.items()
     for i, kw in enumerate(kws)
 ]
-COUNTS_STEPS = {"Adam": True, "AdamW": True, "SGD": False, "RMSprop": True, "Adagrad": True}
+COUNTS_STEPS = {"Adam": True, "AdamW": True, "SGD": False, "RMSprop": True, "Adagrad": True, "ASGD": True,
+                "Rprop": True, "Lion": False, "ADOPT": True}
 
 # Measured worst case over 20 steps of every config above: 2.4e-7 absolute
 # (params of magnitude ~1) for float32, 7e-16 for float64.  The tolerances
@@ -102,8 +123,13 @@ def run(opt, params, steps, skip=()):
         opt.step()
 
 
+def torch_cls(name):
+    """torch.optim's class of that name, or the test oracle of one torch.optim lacks (tests/oracles.py)."""
+    return getattr(torch.optim, name, None) or getattr(oracles, name)
+
+
 def make_torch(name, params, kw):
-    return getattr(torch.optim, name)(params, foreach=False, **fresh_kw(kw))
+    return torch_cls(name)(params, foreach=False, **fresh_kw(kw))
 
 
 def make_fast(name, params, kw, backend):
@@ -208,6 +234,19 @@ INVALID = {
         dict(initial_accumulator_value=-0.1), dict(eps=-1e-10),
         dict(lr=torch.tensor([0.1, 0.2])), dict(fused=True, foreach=True),
     ],
+    "ASGD": [dict(lr=-0.1), dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2]))],
+    "Rprop": [
+        dict(lr=-0.1), dict(etas=(1.0, 1.2)), dict(etas=(0.5, 1.0)), dict(etas=(0.0, 1.2)),
+        dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "Lion": [
+        dict(lr=-1e-3), dict(betas=(1.0, 0.99)), dict(betas=(0.9, 1.0)), dict(weight_decay=-0.1),
+        dict(lr=torch.tensor([0.1, 0.2])), dict(lr=torch.tensor(0.01), foreach=True),
+    ],
+    "ADOPT": [
+        dict(lr=-1e-3), dict(eps=-1e-6), dict(betas=(1.0, 0.9999)), dict(betas=(0.9, -0.1)),
+        dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])), dict(lr=torch.tensor(0.01), foreach=True),
+    ],
 }
 _TENSOR_BETAS_FOREACH = "Adam tensor betas with foreach=True"
 INVALID_CASES = [
@@ -227,7 +266,7 @@ INVALID_CASES = [
 def test_constructor_validation_matches_torch(name, kw, backend):
     params = [] if not kw else _p()
     with pytest.raises(Exception) as torch_error:
-        getattr(torch.optim, name)(params, **fresh_kw(kw))
+        torch_cls(name)(params, **fresh_kw(kw))
     with pytest.raises(torch_error.type) as fast_error:
         getattr(fastopt, name)(params, backend=backend, **fresh_kw(kw))
     assert type(fast_error.value) is type(torch_error.value)
@@ -242,7 +281,7 @@ def test_invalid_backend_is_rejected(name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_signature_defaults_match_torch(name):
-    torch_sig = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    torch_sig = inspect.signature(torch_cls(name).__init__).parameters
     fast_sig = inspect.signature(getattr(fastopt, name).__init__).parameters
     for arg, parameter in torch_sig.items():
         assert arg in fast_sig, arg
@@ -263,7 +302,7 @@ def test_param_groups_and_defaults_match_torch(case, backend):
     pt, pf = make_params()
     groups_t = [{"params": pt[:2]}, {"params": pt[2:], "lr": 0.003, "weight_decay": 0.2}]
     groups_f = [{"params": pf[:2]}, {"params": pf[2:], "lr": 0.003, "weight_decay": 0.2}]
-    ot = getattr(torch.optim, name)(groups_t, **fresh_kw(kw))
+    ot = torch_cls(name)(groups_t, **fresh_kw(kw))
     of = getattr(fastopt, name)(groups_f, backend=backend, **fresh_kw(kw))
     assert_groups_equal(of, ot)
     assert of.defaults == ot.defaults
@@ -273,7 +312,7 @@ def test_param_groups_and_defaults_match_torch(case, backend):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_default_construction_matches_torch(name, backend):
     pt, pf = make_params()
-    ot = getattr(torch.optim, name)(pt)
+    ot = torch_cls(name)(pt)
     of = getattr(fastopt, name)(pf, backend=backend)
     assert_groups_equal(of, ot)
     assert of.defaults == ot.defaults

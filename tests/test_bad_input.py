@@ -26,10 +26,11 @@ import torch
 from torch import Tensor, nn
 
 import fastopt
+import oracles
 from registry import OPTIMIZER_IDS, OPTIMIZERS
 
 BACKENDS = ("fused", "reference")
-NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "ASGD", "Rprop", "Lion", "ADOPT")
 # One configuration per optimizer that keeps every state slot it can have.
 STATEFUL = {
     "Adam": dict(lr=0.05, amsgrad=True, weight_decay=0.0731),
@@ -37,9 +38,18 @@ STATEFUL = {
     "SGD": dict(lr=0.05, momentum=0.9),
     "RMSprop": dict(lr=0.01, centered=True, momentum=0.5),
     "Adagrad": dict(lr=0.1, lr_decay=0.01),
+    "ASGD": dict(lr=0.05, t0=1),
+    "Rprop": dict(lr=0.05),
+    "Lion": dict(lr=0.05, weight_decay=0.0731),
+    "ADOPT": dict(lr=0.05, weight_decay=0.0731),
 }
 SLOTS = {"Adam": "exp_avg", "AdamW": "exp_avg_sq", "SGD": "momentum_buffer", "RMSprop": "grad_avg",
-         "Adagrad": "sum"}
+         "Adagrad": "sum", "ASGD": "ax", "Rprop": "step_size", "Lion": "exp_avg", "ADOPT": "exp_avg_sq"}
+
+
+def torch_cls(name: str) -> type[torch.optim.Optimizer]:
+    """torch.optim's class of that name, or the test oracle of one torch.optim lacks (tests/oracles.py)."""
+    return getattr(torch.optim, name, None) or getattr(oracles, name)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
@@ -89,7 +99,7 @@ def make(name: str, params, backend: str, **kw) -> torch.optim.Optimizer:
 
 
 def make_torch(name: str, params, **kw) -> torch.optim.Optimizer:
-    return getattr(torch.optim, name)(params, foreach=False, **(STATEFUL[name] | kw))
+    return torch_cls(name)(params, foreach=False, **(STATEFUL[name] | kw))
 
 
 def leaf(*shape, dtype=torch.float32, seed=0) -> nn.Parameter:
@@ -149,12 +159,16 @@ BAD_VALUES = {
     "alpha": [-0.5, math.nan],
     "lr_decay": [-0.1, math.nan],
     "initial_accumulator_value": [-0.1, math.nan],
+    "etas": [(1.0, 1.2), (0.5, 1.0), (0.0, 1.2), (math.nan, 1.2)],
+    "step_sizes": [(50.0, 1e-6)],  # not validated by torch.optim.Rprop
+    "lambd": [-0.1],
+    "t0": [-1.0],
 }
 HYPERPARAMETERS = [
     pytest.param(name, arg, value, id=f"{name}-{arg}={value!r}".replace(" ", ""))
     for name in NAMES
     for arg, values in BAD_VALUES.items()
-    if arg in getattr(torch.optim, name).__init__.__code__.co_varnames
+    if arg in torch_cls(name).__init__.__code__.co_varnames
     for value in values
 ]
 
@@ -173,7 +187,7 @@ def test_hyperparameter_validation_matches_torch(name, arg, value, backend):
     params = [leaf(3)]
     before = _bits(params[0])
     try:
-        getattr(torch.optim, name)(params, **{arg: _clone(value)})
+        torch_cls(name)(params, **{arg: _clone(value)})
         torch_error = None
     except Exception as error:  # noqa: BLE001 (the type is the point)
         torch_error = error
@@ -192,7 +206,7 @@ def test_hyperparameter_validation_matches_torch(name, arg, value, backend):
 def test_non_leaf_params_are_rejected_like_torch(name, backend):
     base = leaf(3)
     non_leaf = base * 2
-    for make_optimizer in (lambda params: getattr(torch.optim, name)(params),
+    for make_optimizer in (lambda params: torch_cls(name)(params),
                            lambda params: getattr(fastopt, name)(params, backend=backend)):
         with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
             make_optimizer([non_leaf])
@@ -206,7 +220,7 @@ def test_non_leaf_params_are_rejected_like_torch(name, backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_param_in_two_groups_is_rejected_like_torch(name, backend):
     shared = leaf(3)
-    for cls in (getattr(torch.optim, name), lambda *a, **k: getattr(fastopt, name)(*a, backend=backend, **k)):
+    for cls in (torch_cls(name), lambda *a, **k: getattr(fastopt, name)(*a, backend=backend, **k)):
         with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
             cls([{"params": [shared]}, {"params": [leaf(2), shared]}])
 
@@ -251,10 +265,10 @@ def _grad_device(opt, params, name):
     params[4].grad = grad
 
 
-def _state(edit):
+def _state(edit, scalar_state="step"):
     def breaks(opt, params, name):
         state = opt.state[params[4]]
-        key = "step" if edit == "step" else SLOTS[name]
+        key = scalar_state if edit == "step" else SLOTS[name]
         state[key] = {
             "shape": lambda t: torch.zeros(9),
             "dtype": lambda t: t.double(),
@@ -280,12 +294,14 @@ BAD_STEPS = [
     BadStep("state-dtype", _state("dtype"), r"state\['\w+'\] has dtype torch.float64 but the param"),
     BadStep("state-device", _state("device"), r"state\['\w+'\] is on meta but the param is on cpu"),
     BadStep("step-int", _state("step"), r"state\['step'\] must be a one-element float32 or float64 tensor",
-            names=("Adam", "AdamW", "RMSprop", "Adagrad")),
+            names=("Adam", "AdamW", "RMSprop", "Adagrad", "ASGD", "Rprop", "ADOPT")),
+    BadStep("eta-int", _state("step", "eta"), r"state\['eta'\] must be a one-element float32 or float64 tensor",
+            names=("ASGD",)),
     BadStep("sparse-grad-unsupported", _sparse_grad, "Adam does not support sparse gradients, please "
             r"consider SparseAdam instead \(got a sparse grad for param_groups\[1\]\['params'\]\[1\]\)",
             names=("Adam", "AdamW")),
-    BadStep("sparse-grad-unsupported", _sparse_grad, "RMSprop does not support sparse gradients",
-            names=("RMSprop",)),
+    *[BadStep("sparse-grad-unsupported", _sparse_grad, f"{name} does not support sparse gradients",
+              names=(name,)) for name in ("RMSprop", "ASGD", "Rprop", "Lion", "ADOPT")],
 ]
 BAD_STEP_CASES = [pytest.param(case, name, id=f"{case.id}-{name}") for case in BAD_STEPS for name in case.names]
 
@@ -497,11 +513,14 @@ def test_complex_params_step_like_torch(case, dtype, backend):
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPTIMIZER_IDS)
 def test_nan_and_inf_grads_propagate_like_torch(case, backend):
     """Without AMP a non-finite grad is applied, as torch.optim applies it:
-    NaN and Inf land in the same elements of params and state."""
+    NaN and Inf land in the same elements of params and state, step after
+    step (sign-based rules such as Rprop's and Lion's keep them out of the
+    params, and Rprop's prev forgets them a step later)."""
     def params():
         return [leaf(6, seed=0), leaf(3, 2, seed=1), leaf(4, dtype=torch.float64, seed=2)]
     fast_params, torch_params = params(), params()
     opt, torch_opt = case.make_fastopt(fast_params, backend), case.make_torch(torch_params)
+    reached_non_finite = False
     for k in range(4):
         for ps in (fast_params, torch_params):
             set_grads(ps, k)
@@ -511,10 +530,14 @@ def test_nan_and_inf_grads_propagate_like_torch(case, backend):
                 ps[1].grad[2, 0] = -math.inf
         opt.step()
         torch_opt.step()
-    assert not torch.isfinite(torch_params[0]).all(), "the test must reach non-finite values"
-    assert_close_to_torch(fast_params, torch_params, opt, torch_opt)
-    for f, t in zip(fast_params, torch_params):
-        assert torch.equal(f.isnan(), t.isnan()) and torch.equal(f.isinf(), t.isinf())
+        assert_close_to_torch(fast_params, torch_params, opt, torch_opt)
+        for f, t in zip(fast_params, torch_params):
+            for key, value in [("param", t), *torch_opt.state[t].items()]:
+                fast_value = f if key == "param" else opt.state[f][key]
+                assert torch.equal(fast_value.isnan(), value.isnan()), (k, key)
+                assert torch.equal(fast_value.isinf(), value.isinf()), (k, key)
+                reached_non_finite |= not torch.isfinite(value).all().item()
+    assert reached_non_finite, "the test must reach non-finite values"
 
 
 # -- load_state_dict -----------------------------------------------------------------------
@@ -545,7 +568,8 @@ class BadLoad:
 
 
 def _other_optimizer(name: str) -> dict:
-    other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop"}[name]
+    other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop",
+             "ASGD": "Rprop", "Rprop": "ASGD", "Lion": "ASGD", "ADOPT": "Lion"}[name]
     return _trained(other).state_dict()
 
 
@@ -570,8 +594,9 @@ def _drop_hyperparameter(name: str) -> dict:
 BAD_LOADS = [
     BadLoad("missing-slot", _edit_state(lambda s: s.pop(next(k for k in s if k != "step"))),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]",
-            # torch.optim.SGD creates its momentum buffer lazily: a state without one is valid.
-            names=("Adam", "AdamW", "RMSprop", "Adagrad")),
+            # torch.optim.SGD creates its momentum buffer lazily: a state without one is valid;
+            # Lion's only state is its slot: without it the state is empty, i.e. not started.
+            names=("Adam", "AdamW", "RMSprop", "Adagrad", "ASGD", "Rprop", "ADOPT")),
     BadLoad("slot-shape", _edit_state(lambda s: s.update({k: torch.zeros(3) for k in s if k != "step"})),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\]: state\['\w+'\] has shape \[3\] "
             r"but the param has shape \[2, 2\]"),
@@ -596,18 +621,23 @@ def test_bad_load_state_dict_changes_nothing(case, name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ("Adam", "RMSprop", "Adagrad"))
+@pytest.mark.parametrize("name", ("Adam", "RMSprop", "Adagrad", "ASGD", "Rprop"))
 def test_load_state_dict_with_step_as_number_like_torch(name, backend):
-    """Older checkpoints hold steps as numbers; torch.optim converts them."""
+    """Older checkpoints hold steps (and ASGD's eta and mu) as numbers; torch.optim converts them."""
     sd = _trained(name).state_dict()
+    scalar_states = getattr(fastopt, name)._scalar_states
     for state in sd["state"].values():
-        state["step"] = int(state["step"].item())
+        for key in scalar_states:
+            state[key] = int(state[key].item()) if key == "step" else state[key].item()
     opt, torch_opt = _trained(name, backend), _trained(name)
     opt.load_state_dict(copy.deepcopy(sd))
     torch_opt.load_state_dict(copy.deepcopy(sd))
     for p, t in zip(opt.param_groups[1]["params"], torch_opt.param_groups[1]["params"]):
-        step, torch_step = opt.state[p]["step"], torch_opt.state[t]["step"]
-        assert isinstance(step, Tensor) and step.dtype == torch_step.dtype and step.item() == 2.0
+        for key in scalar_states:
+            value, torch_value = opt.state[p][key], torch_opt.state[t][key]
+            assert isinstance(value, Tensor) and value.dtype == torch_value.dtype, key
+            assert value.item() == torch_value.item(), key
+        assert opt.state[p]["step"].item() == 2.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

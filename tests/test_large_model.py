@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import fastopt
-from registry import OPTIMIZERS, OPTIMIZERS_BY_ID, GradientFeed, ShapeCase, clone_params, make_params
+from registry import (OPTIMIZERS, OPTIMIZERS_BY_ID, SCALAR_STATE_KEYS, GradientFeed, ShapeCase, clone_params,
+                      make_params)
 from test_parity import (
     GRAD_SEED,
     K_LOW_PRECISION,
@@ -49,7 +50,7 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, k: float, dtyp
 
 
 def slots_of(optimizer, p) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in optimizer.state[p].items() if k not in ("step", "master_param")}
+    return {k: v for k, v in optimizer.state[p].items() if k not in SCALAR_STATE_KEYS | {"master_param"}}
 
 
 # -- state_dtype -------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_bfloat16_state_fused_matches_reference(case_id, device):
             assert_close_to(value, ref.state[q][key], K_LOW_PRECISION, torch.bfloat16, key)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "ASGD", "Rprop", "Lion", "ADOPT"])
 def test_bfloat16_state_takes_half_the_memory(name):
     kwargs = {"momentum": 0.9} if name == "SGD" else {"centered": True, "momentum": 0.5} if name == "RMSprop" else {}
 

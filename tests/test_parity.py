@@ -56,6 +56,7 @@ from registry import (
     DTYPE_NAMES,
     OPTIMIZERS,
     OPTIMIZERS_BY_ID,
+    SCALAR_STATE_KEYS,
     SHAPES,
     SHAPES_BY_ID,
     GradientFeed,
@@ -127,9 +128,11 @@ def fastopt_run(case_id: str, shape_id: str, dtype: torch.dtype, backend: str) -
     for p in params:
         assert p.is_leaf
     run_steps(optimizer, params, GradientFeed(GRAD_SEED, shape.grad_layout), STEPS)
-    for p in params:  # fastopt's state has the param's dtype and shape
+    for p in params:  # fastopt's slots have the param's dtype and shape, its scalar states are 0-dim float32
         for key, value in optimizer.state.get(p, {}).items():
-            if key != "step":
+            if key in SCALAR_STATE_KEYS:
+                assert value.dtype == torch.float32 and value.dim() == 0, key
+            else:
                 assert value.dtype == dtype and value.shape == p.shape, key
     return record(optimizer, params)
 
@@ -180,12 +183,13 @@ def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, k: float, 
 def assert_runs_match(actual: Run, expected: Run, k: float, dtype: torch.dtype,
                       check_state_dtype: bool = True) -> None:
     """Same state keys for every param; every param and state element within
-    ``k`` eps; step counts identical."""
+    ``k`` eps; scalar states (step counts, ASGD's eta and mu: the same double
+    arithmetic stored as float32) identical."""
     assert actual.keys == expected.keys, "state keys differ"
     for key, expected_value in expected.values.items():
         value = actual.values[key]
-        if key == "step":
-            torch.testing.assert_close(value, expected_value, rtol=0, atol=0, msg=lambda m: f"step: {m}")
+        if key in SCALAR_STATE_KEYS:
+            torch.testing.assert_close(value, expected_value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
             continue
         assert value.dtype == dtype, f"{key}: dtype {value.dtype}, expected {dtype}"
         if check_state_dtype:

@@ -32,16 +32,18 @@ from typing import Any
 import pytest
 import torch
 
-from registry import DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, clone_params, random_values, with_layout
+from registry import (DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, SCALAR_STATE_KEYS, clone_params, random_values,
+                      with_layout)
 from test_parity import K_FUSED_VS_REFERENCE, K_LOW_PRECISION, K_VS_TORCH, Run, record, rms
 
 import fastopt
+import oracles
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-# Per optimizer and dtype (20 combinations).
+# Per optimizer and dtype (36 combinations).
 MAX_EXAMPLES = int(os.environ.get("FASTOPT_HYPOTHESIS_EXAMPLES", "15"))
 PROPERTY_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -93,13 +95,44 @@ def adagrad_kwargs(draw) -> dict[str, Any]:
                 eps=draw(EPS), maximize=draw(st.booleans()))
 
 
-# name -> (fastopt class, torch.optim class, hyperparameter strategy)
+@st.composite
+def asgd_kwargs(draw) -> dict[str, Any]:
+    # t0 small enough that mu averages within the few steps, or torch's default.
+    return dict(lr=draw(LR), lambd=draw(st.floats(0.0, 0.1)), alpha=draw(st.floats(0.1, 1.0)),
+                t0=draw(st.one_of(st.just(1e6), st.floats(0.0, 3.0))), weight_decay=draw(WEIGHT_DECAY),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def rprop_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), etas=(draw(st.floats(0.1, 0.9)), draw(st.floats(1.05, 2.0))),
+                step_sizes=(draw(st.floats(1e-6, 1e-3)), draw(st.floats(1e-2, 50.0))), maximize=draw(st.booleans()))
+
+
+@st.composite
+def lion_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
+                weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
+
+
+@st.composite
+def adopt_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))), eps=draw(EPS),
+                clip_lambda=draw(st.sampled_from([fastopt.adopt.default_clip_lambda, None])),
+                weight_decay=draw(WEIGHT_DECAY), decouple=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
+# name -> (fastopt class, torch.optim class (or the oracle of tests/oracles.py), hyperparameter strategy)
 OPTIMIZERS = {
     "Adam": (fastopt.Adam, torch.optim.Adam, adam_kwargs(decoupled_option=True)),
     "AdamW": (fastopt.AdamW, torch.optim.AdamW, adam_kwargs(decoupled_option=False)),
     "SGD": (fastopt.SGD, torch.optim.SGD, sgd_kwargs()),
     "RMSprop": (fastopt.RMSprop, torch.optim.RMSprop, rmsprop_kwargs()),
     "Adagrad": (fastopt.Adagrad, torch.optim.Adagrad, adagrad_kwargs()),
+    "ASGD": (fastopt.ASGD, torch.optim.ASGD, asgd_kwargs()),
+    "Rprop": (fastopt.Rprop, torch.optim.Rprop, rprop_kwargs()),
+    "Lion": (fastopt.Lion, oracles.Lion, lion_kwargs()),
+    "ADOPT": (fastopt.ADOPT, oracles.ADOPT, adopt_kwargs()),
 }
 
 
@@ -183,7 +216,7 @@ def _run(problem: Problem, optimizer_cls, backend: str | None, compute_dtype: to
                 for p in params:
                     p.copy_(p.to(problem.dtype))
                     for key, value in optimizer.state.get(p, {}).items():
-                        if key != "step" and torch.is_tensor(value):
+                        if key not in SCALAR_STATE_KEYS and torch.is_tensor(value):
                             value.copy_(value.to(problem.dtype))
         run = record(optimizer, params)
         for key, value in run.values.items():
@@ -205,8 +238,8 @@ def assert_close_along_the_way(actual: Run, expected: Run, largest: dict[str, to
     assert actual.keys == expected.keys, f"{what}: state keys differ"
     for key, e in expected.values.items():
         a = actual.values[key]
-        if key == "step":
-            assert torch.equal(a, e), f"{what}: step {a.tolist()} vs {e.tolist()}"
+        if key in SCALAR_STATE_KEYS:
+            assert torch.equal(a, e), f"{what}: {key} {a.tolist()} vs {e.tolist()}"
             continue
         assert a.dtype == dtype, f"{what}: {key} has dtype {a.dtype}, expected {dtype}"
         a64, e64 = a.double(), e.double()

@@ -1,0 +1,16 @@
+// The sign of an opmath value as torch.sign computes it, for the sign-based
+// rules (Rprop, Lion).
+#pragma once
+
+#include "common.h"
+
+namespace fastopt::rules {
+
+// 1, -1 or 0; 0 for +-0 and, as torch.sign on CPU and CUDA, for NaN (both
+// comparisons are false), so a NaN does not move a param through a sign.
+template <typename T>
+FASTOPT_HOST_DEVICE inline T sign(T x) {
+  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
+}
+
+}  // namespace fastopt::rules
