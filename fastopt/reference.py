@@ -280,8 +280,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
 
 
 @torch.no_grad()
-def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-         first_momentum_step, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
+def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
+         first_momentum_step, maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
          rounding_seed=None) -> None:
     """SGD (csrc/rules/sgd.h)::
 

@@ -50,7 +50,9 @@ constexpr int kMaxKernelArgBytes = 32764;
 constexpr int kMaxKernelArgBytes = 4096;
 #endif
 
-// Per-tensor argument bytes (pointers, size, flags, chunk index): 76 with 3 slots.
+// Per-tensor argument bytes (pointers, size, flags, chunk index): 76 with
+// four slots and scalar states together (Adam amsgrad: 3 + 1; NAdam: 2 + 2;
+// ASGD: 1 + 3); launch_group's static_assert checks every rule fits.
 constexpr int kBytesPerTensor = 80;
 // Leaves room for the hyperparameters and flags of the largest rule.
 constexpr int kMaxTensorsPerLaunch = (kMaxKernelArgBytes - 256) / kBytesPerTensor;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../optimizer_table.h"
+#include "../rules/roofline.h"
 #include "../step_ops.h"
 #include "../validate.h"
 #include "step_launch.h"

@@ -39,11 +39,15 @@ namespace rules {
 // rule's Hyper struct it fills, a float or (variant flags) a bool.
 template <class Hyper>
 struct Field {
+  // Aliases, not `double Hyper::*number` members: nvcc's host pass rewrites
+  // those with parentheses that gcc's -Wparentheses rejects.
+  using Number = double Hyper::*;
+  using Flag = bool Hyper::*;
   const char* name;
-  double Hyper::*number = nullptr;
-  bool Hyper::*flag = nullptr;
-  constexpr Field(const char* name_, double Hyper::*number_) : name(name_), number(number_) {}
-  constexpr Field(const char* name_, bool Hyper::*flag_) : name(name_), flag(flag_) {}
+  Number number = nullptr;
+  Flag flag = nullptr;
+  constexpr Field(const char* name_, Number number_) : name(name_), number(number_) {}
+  constexpr Field(const char* name_, Flag flag_) : name(name_), flag(flag_) {}
 };
 
 // The scalar-state advance of a rule whose only scalar state is torch's
