@@ -28,7 +28,8 @@ def check_adam_style(lr, betas, weight_decay, *, foreach, capturable, fused, eps
     for index, beta in enumerate(betas):
         if isinstance(beta, Tensor):
             if not capturable and foreach:
-                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and "
+                                 "foreach=True")
             if beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
     if fused and foreach:

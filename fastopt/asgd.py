@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, _scalar, large_model_options
+from .optimizer import FusedOptimizer, large_model_options
 
 
 class ASGD(FusedOptimizer):
@@ -59,8 +59,8 @@ class ASGD(FusedOptimizer):
             group.setdefault("capturable", False)
 
     def _initial_scalar_state(self, group, param, name):
-        # torch.optim.ASGD: eta starts at the group's lr, mu at 1, step at 0.
-        return {"eta": _scalar(group["lr"]), "mu": 1.0}.get(name, 0.0)
+        # torch.optim.ASGD: eta starts at the group's lr (a tensor lr is copied), mu at 1, step at 0.
+        return {"eta": group["lr"], "mu": 1.0}.get(name, 0.0)
 
     def _hyper(self, group):
         return {"lambd": group["lambd"], "alpha": group["alpha"], "t0": group["t0"],

@@ -331,8 +331,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if state.get(name) is None:
                 state[name] = self._new_slot(group, param)
 
-    def _initial_scalar_state(self, group: dict[str, Any], param: Tensor, name: str) -> float:
-        """The value scalar state ``name`` starts with (the step count: 0)."""
+    def _initial_scalar_state(self, group: dict[str, Any], param: Tensor, name: str) -> float | Tensor:
+        """The value scalar state ``name`` starts with (the step count: 0); a
+        one-element tensor (ASGD's eta from a tensor lr) is copied, not read."""
         return 0.0
 
     def _run(self, group: dict[str, Any], bucket: _Bucket, step_args: dict[str, Any]) -> None:
@@ -485,7 +486,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "state['master_param']": torch.float32}
 
     def _new_slot(self, group: dict[str, Any], param: Tensor, fill: Any = 0) -> Tensor:
-        """A new state slot for ``param``, filled with ``fill``, in the group's state dtype."""
+        """A new state slot for ``param``, filled with ``fill``, in the group's
+        state dtype; a one-element tensor ``fill`` (Rprop's step size from a
+        tensor lr) is copied, not read."""
+        if isinstance(fill, Tensor):
+            return torch.empty_like(param, dtype=_slot_dtype(self._options, param),
+                                    memory_format=torch.preserve_format).copy_(fill.reshape(()))
         return torch.full_like(param, fill, dtype=_slot_dtype(self._options, param),
                                memory_format=torch.preserve_format)
 
@@ -768,9 +774,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if create:
             for name in self._scalar_states:
                 if state.get(name) is None:
-                    # full, not tensor(value): no host-to-device copy per param
-                    state[name] = torch.full((), self._initial_scalar_state(group, p, name),
-                                             dtype=torch.float32, device=_step_device(p))
+                    # full, not tensor(value): no host-to-device copy per param; a tensor
+                    # value is copied without a host read (none for torch.compile to break on)
+                    value = self._initial_scalar_state(group, p, name)
+                    state[name] = (
+                        torch.empty((), dtype=torch.float32, device=_step_device(p)).copy_(value.reshape(()))
+                        if isinstance(value, Tensor)
+                        else torch.full((), value, dtype=torch.float32, device=_step_device(p)))
             self._init_slots(group, p, state)
         for name in self._scalar_states:
             value = state.get(name)

@@ -51,10 +51,10 @@ class Rprop(FusedOptimizer):
             group.setdefault("capturable", False)
 
     def _init_slots(self, group, param, state):
-        lr = _scalar(group["lr"])
+        lr = group["lr"]
         # torch.optim fills a complex param's step sizes with lr + lr*j: both
-        # halves of the real pair the kernels step.
-        fill = {"prev": 0, "step_size": complex(lr, lr) if param.is_complex() else lr}
+        # halves of the real pair the kernels step.  A tensor lr is copied.
+        fill = {"prev": 0, "step_size": complex(_scalar(lr), _scalar(lr)) if param.is_complex() else lr}
         for name in self._slot_names(group):
             if state.get(name) is None:
                 state[name] = self._new_slot(group, param, fill=fill[name])

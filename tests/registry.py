@@ -115,6 +115,8 @@ OPTIMIZERS: list[OptimizerCase] = [
     OptimizerCase("rprop-etas-step_sizes", torch.optim.Rprop, fastopt.Rprop,
                   {"lr": 5e-2, "etas": (0.37, 1.31), "step_sizes": (0.02, 0.2)}),
     OptimizerCase("rprop-maximize", torch.optim.Rprop, fastopt.Rprop, {"lr": 5e-2, "maximize": True}),
+    OptimizerCase("rprop-tensor_lr", torch.optim.Rprop, fastopt.Rprop,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64)}),
     # Lion (oracle: tests/oracles.py, checked against lion-pytorch in
     # test_oracles.py).  Every row decays the weights: without decay each step
     # moves an element by exactly +-lr, and ten steps bring ~25% of them back
@@ -375,7 +377,8 @@ def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list
 
 
 __all__ = [
-    "OptimizerCase", "OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase", "SHAPES",
+    "OptimizerCase", "OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase",
+    "SHAPES",
     "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
     "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",
     "GradientFeed", "run_steps", "round_through", "snapshot", "is_dense",

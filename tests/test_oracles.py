@@ -88,7 +88,8 @@ def test_lion_matches_lion_pytorch(options, implementation):
     package_options = {k: v for k, v in options.items() if k != "maximize"}
     initial, params, package_params, optimizer, package = run_against_package(
         lambda ps: IMPLEMENTATIONS[implementation]("Lion", ps, options),
-        lambda ps: lion_pytorch.Lion(ps, **package_options), negate_package_grads=options.get("maximize", False))
+        lambda ps: lion_pytorch.Lion(ps, **package_options),
+        negate_package_grads=options.get("maximize", False))
     assert set(optimizer.state[params[0]]) == set(package.state[package_params[0]]) == {"exp_avg"}
     # Within rounding only: the oracle rounds each product on its own (tests/oracles.py).
     assert_runs_equal(params, package_params, optimizer, package, KEYS["Lion"], exact=False)
@@ -113,7 +114,8 @@ def test_adopt_matches_pytorch_optimizer(options, implementation):
     initial, params, package_params, optimizer, package = run_against_package(
         lambda ps: IMPLEMENTATIONS[implementation]("ADOPT", ps, options),
         lambda ps: pytorch_optimizer.ADOPT(ps, foreach=False, **package_options))
-    assert_runs_equal(params, package_params, optimizer, package, KEYS["ADOPT"], exact=implementation == "oracle")
+    assert_runs_equal(params, package_params, optimizer, package, KEYS["ADOPT"],
+                      exact=implementation == "oracle")
     assert_moved(params, initial, 0.99)
     assert package.param_groups[0]["step"] == STEPS
     assert all(optimizer.state[p]["step"].item() == STEPS for p in params)
