@@ -40,9 +40,12 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adagrad", "Adagrad", "Adagrad", {"lr": 1e-2}, 1),
         OptimizerSpec("adam-pipeline", "Adam", "Adam + GradScaler + clip", {"lr": 1e-3}, 2,
                       max_grad_norm=1.0),
+        OptimizerSpec("asgd", "ASGD", "ASGD", {"lr": 1e-3}, 1),
+        OptimizerSpec("rprop", "Rprop", "Rprop", {"lr": 1e-3}, 2),
     )
 }
 
-# Plain SGD (no state) is available with --optimizers sgd but not run by default.
+# Plain SGD (no state), ASGD and Rprop are available with --optimizers but not
+# run by default.  (Lion and ADOPT have no torch.optim baseline to compare with.)
 DEFAULT_OPTIMIZERS = ("adam", "adam-amsgrad", "adamw", "sgd-momentum", "sgd-nesterov", "rmsprop",
                       "rmsprop-centered-momentum", "adagrad", "adam-pipeline")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_adam_style
 from .optimizer import FusedOptimizer, _scalar, large_model_options
 
 
@@ -42,26 +43,11 @@ class ADOPT(FusedOptimizer):
                  backend: str | None = None, max_grad_norm: float | None = None,
                  master_weights: bool = False, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool = False) -> None:
-        if isinstance(lr, Tensor):
-            if foreach and not capturable:
-                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=capturable, fused=fused,
+                         eps=eps)
         if clip_lambda is not None and clip_lambda is not default_clip_lambda:
             raise ValueError("fastopt.ADOPT supports clip_lambda=None (no clipping) or the default "
                              f"fastopt.adopt.default_clip_lambda (step**0.25), got {clip_lambda!r}")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         # Not a param-group key, as in the reference: param_groups stay its own.
         self.clip_lambda = clip_lambda
         defaults = {

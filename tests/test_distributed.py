@@ -37,13 +37,20 @@ PROCESS_GROUP_TIMEOUT_S = 60  # a collective that hangs (a rank failed) ends the
 WORKERS_TIMEOUT_S = 180  # both workers, start to finish (measured ~20 s on 2 busy cores)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (torch.optim class name, keyword arguments); the same names exist in fastopt.
+# name -> (torch.optim class name, keyword arguments); the same names exist in
+# fastopt (and in tests/oracles.py for those torch.optim lacks).
 FSDP2_CASES = {
     "adamw": ("AdamW", {"lr": 5e-2, "weight_decay": 0.0731}),
     "adam-amsgrad": ("Adam", {"lr": 5e-2, "weight_decay": 0.0731, "amsgrad": True}),
     "sgd-nesterov": ("SGD", {"lr": 5e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0731}),
     "rmsprop-centered-momentum": ("RMSprop", {"lr": 1e-2, "centered": True, "momentum": 0.5}),
     "adagrad": ("Adagrad", {"lr": 1e-1, "lr_decay": 0.05}),
+    "asgd": ("ASGD", {"lr": 5e-2, "t0": 1, "weight_decay": 0.0731}),
+    # No Rprop: torch.optim.Rprop cannot step FSDP2's sharded DTensors (its
+    # masked assignments are index_put_, which DTensor refuses in place).
+    # Lion and ADOPT: the oracles of tests/oracles.py.
+    "lion": ("Lion", {"lr": 5e-2, "weight_decay": 0.0731}),
+    "adopt": ("ADOPT", {"lr": 5e-2, "weight_decay": 0.0731, "decouple": True}),
 }
 BACKENDS = ("fused", "reference")
 ADAMW = {"lr": 5e-2, "weight_decay": 0.0731}
@@ -83,8 +90,11 @@ def _train(model, optimizer, batches, on_last_step=None) -> None:
 
 def _optimizer_class(library: str, name: str):
     import fastopt
+    import oracles
 
-    return getattr(fastopt if library == "fastopt" else torch.optim, name)
+    if library == "fastopt":
+        return getattr(fastopt, name)
+    return getattr(torch.optim, name, None) or getattr(oracles, name)
 
 
 def _make_optimizer(library: str, name: str, params, kwargs, backend: str = "fused"):
@@ -261,7 +271,7 @@ def _scenario_fsdp2(rank: int, tmpdir: Path, case: str, backend: str) -> None:
     _assert_close(params, torch_params, "params")
     for p in params:
         for key, value in optimizer.state[p].items():
-            if key != "step":
+            if key not in optimizer._scalar_states:  # step, ASGD's eta and mu: plain 0-dim tensors
                 assert isinstance(value, DTensor) and value.placements == p.placements, key
     _assert_close(_state_tensors(optimizer, params), _state_tensors(torch_opt, torch_params),
                   f"state ({sorted(optimizer.state[params[0]])})")

@@ -158,7 +158,20 @@ OP_SPECS = {
                       maximize=False)),
     "adagrad_": (["params", "grads", "state_sums", "state_steps"],
                  dict(lr=1e-2, lr_decay=0.01, weight_decay=0.01, eps=1e-10, maximize=False)),
+    "asgd_": (["params", "grads", "axs", "state_steps", "etas", "mus"],
+              dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1.0, weight_decay=0.01, maximize=False)),
+    "rprop_": (["params", "grads", "prevs", "step_sizes", "state_steps"],
+               dict(lr=1e-2, etaminus=0.5, etaplus=1.2, step_size_min=1e-6, step_size_max=50.0, maximize=False)),
+    "lion_": (["params", "grads", "exp_avgs"],
+              dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False)),
+    "adopt_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
+               dict(lr=1e-2, beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=0.01, decoupled_weight_decay=False,
+                    clip_normalized_grad=True, maximize=False)),
 }
+# Per-tensor scalar-state lists (one-element float tensors) and their value in
+# the valid calls: ASGD's eta and mu as a previous step left them (mu < 1:
+# the average moves).
+SCALAR_STATE_VALUES = {"state_steps": 3.0, "etas": 0.05, "mus": 0.5}
 OP_SHAPES = [(5,), (3, 4), (7,)]  # the bad entry is always the last one, index 2
 KERNELS = {"fused": lambda: torch.ops.fastopt, "reference": lambda: reference}
 
@@ -167,17 +180,19 @@ def _op_lists(op: str, dtype=torch.float32) -> dict[str, list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(5)
     lists = {}
     for name in OP_SPECS[op][0]:
-        if name == "state_steps":
-            lists[name] = [torch.tensor(3.0) for _ in OP_SHAPES]
+        if name in SCALAR_STATE_VALUES:
+            lists[name] = [torch.tensor(SCALAR_STATE_VALUES[name]) for _ in OP_SHAPES]
         else:
             values = [torch.randn(shape, generator=generator).to(dtype) for shape in OP_SHAPES]
-            # Second moments must be non-negative, and square_avg >= grad_avg**2.
-            lists[name] = [v.abs() + 1 if name in ("exp_avg_sqs", "square_avgs", "state_sums") else v
-                           for v in values]
+            # Second moments and step sizes must be positive, and square_avg >= grad_avg**2.
+            positive = ("exp_avg_sqs", "square_avgs", "state_sums", "step_sizes")
+            lists[name] = [v.abs() + 1 if name in positive else v for v in values]
     if "max_exp_avg_sqs" in lists:  # below exp_avg_sq, so that the call raises it
         lists["max_exp_avg_sqs"] = [v * 0.5 for v in lists["exp_avg_sqs"]]
     if "grad_avgs" in lists:  # square_avg - grad_avg**2 > 0
         lists["grad_avgs"] = [v * 0.1 for v in lists["grad_avgs"]]
+    if "prevs" in lists:  # the grads' signs again: every Rprop element moves (a sign change would not)
+        lists["prevs"] = [g * 0.5 for g in lists["grads"]]
     return lists
 
 
@@ -200,7 +215,7 @@ def _bad_calls(op: str):
     """(id, edit of the lists, the message the error must contain)."""
     names = OP_SPECS[op][0]
     state = [n for n in names if n not in ("params", "grads")]
-    slots = [n for n in state if n != "state_steps"]
+    slots = [n for n in state if n not in SCALAR_STATE_VALUES]
     cases = []
     for name in names[1:]:
         cases.append((f"short-{name}", lambda lists, n=name: lists[n].pop(),
@@ -217,14 +232,15 @@ def _bad_calls(op: str):
     cases.append(("grad-dtype", lambda lists: lists["grads"].__setitem__(2, lists["grads"][2].half()),
                   r"grads\[2\] has dtype"))
     cases.append(("param-dtype-mix", lambda lists: [lists[n].__setitem__(2, lists[n][2].double())
-                                                    for n in names if n != "state_steps"],
+                                                    for n in names if n not in SCALAR_STATE_VALUES],
                   r"params\[2\] has dtype torch.float64|params\[2\] has dtype Double"))
-    if "state_steps" in names:
-        cases.append(("step-int", lambda lists: lists["state_steps"].__setitem__(2, torch.tensor(3)),
-                      r"state_steps\[2\] must be"))
-        cases.append(("step-two-elements",
-                      lambda lists: lists["state_steps"].__setitem__(2, torch.tensor([3.0, 3.0])),
-                      r"state_steps\[2\] must be"))
+    for name in state:
+        if name in SCALAR_STATE_VALUES:
+            cases.append((f"{name}-int", lambda lists, n=name: lists[n].__setitem__(2, torch.tensor(3)),
+                          rf"{name}\[2\] must be"))
+            cases.append((f"{name}-two-elements",
+                          lambda lists, n=name: lists[n].__setitem__(2, torch.tensor([3.0, 3.0])),
+                          rf"{name}\[2\] must be"))
     return [pytest.param(op, edit, pattern, id=f"{op}-{case_id}") for case_id, edit, pattern in cases]
 
 
@@ -253,6 +269,8 @@ def test_op_valid_call_mutates(backend, op):
             assert all(torch.equal(t, b) for t, b in zip(tensors, before[name]))
         elif name == "state_steps":
             assert [t.item() for t in tensors] == [4.0] * len(OP_SHAPES)
+        elif name in SCALAR_STATE_VALUES:  # ASGD's eta and mu for the next step
+            assert all(t.item() != SCALAR_STATE_VALUES[name] for t in tensors), name
         else:
             for index, (t, b) in enumerate(zip(tensors, before[name])):
                 assert (t != b).all(), f"{name}[{index}] has unchanged elements"
