@@ -12,6 +12,11 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import generate_sources  # noqa: E402  (scripts/ is not a package)
+
+# The per-optimizer translation units (Note [The optimizer table]).
+GENERATED = os.path.join("build", "generated")
 
 # -ffp-contract=off: no fused multiply-add contraction, so the AVX-512, AVX2
 # and baseline element loops round identically (Note [CPU driver layout]).
@@ -42,19 +47,24 @@ def sources(*patterns):
 def extension():
     """fastopt._C: the CPU kernels always; the CUDA kernels (csrc/cuda/) too
     when torch was built with CUDA and nvcc is installed."""
-    cpu = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
-    cuda = sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    generated = {kind: [os.path.relpath(path, ROOT) for path in paths]
+                 for kind, paths in generate_sources.generate(os.path.join(ROOT, GENERATED)).items()}
+    cpu = sources("csrc/*.cpp", "csrc/cpu/*.cpp") + generated["cpu"]
+    cuda = sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp") + generated["cuda"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
     nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     if cuda and torch.version.cuda is not None and nvcc:
         return CUDAExtension(
             name="fastopt._C",
             sources=cpu + cuda,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS, "nvcc": NVCC_FLAGS},
             extra_link_args=OPENMP_FLAGS,
         )
     return CppExtension(
         name="fastopt._C",
         sources=cpu,
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
         extra_link_args=OPENMP_FLAGS,
     )

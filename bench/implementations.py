@@ -148,7 +148,7 @@ def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     """torch.ops.fastopt.roofline_bound_ over the same params and grads with K
     fresh slots per param (K = the optimizer's state tensors per param), bound
     once like the optimizers' own step so both pay the same per-step cost."""
-    slots = [torch.zeros_like(p) for _ in range(spec.slots) for p in params]
+    slots = [[torch.zeros_like(p) for p in params] for _ in range(spec.slots)]
     bound = torch.classes.fastopt.BoundTensors(params, slots, [], [])
     op = torch.ops.fastopt.roofline_bound_
     return lambda: op(bound)

@@ -5,56 +5,63 @@
 // than in the kernel.  So the optimizers bind each bucket's params, state
 // slots and step counts once, into a BoundTensors object kept with the step
 // plan (fastopt/optimizer.py, Note [Step plans]), and each step calls a
-// *_bound_ op with it.  The op reads every param's .grad in C++, leaves out
-// params without one (as torch.optim does), and calls the list op (e.g.
-// fastopt::adam_) through the dispatcher, so the math, the checks and the
-// device dispatch stay in one place.  fastopt/reference.py mirrors this.
-// The call goes below the autograd keys: the boxed autograd fallback would
-// box and unbox every tensor again (the cost this file exists to avoid);
-// the params' version counters are bumped here instead, as torch's in-place
-// ops do.
+// *_bound_ op with it, whose schema and kernel follow from the optimizer's
+// row of the table (Note [The optimizer table]).  The op reads every param's
+// .grad in C++, leaves out params without one (as torch.optim does), and
+// calls the step function the list op's kernel for the params' device
+// calls (step_ops.h), so the math and the checks stay in one place.  It
+// calls it directly, not through the dispatcher: a call through the
+// dispatcher to the boxed list kernel would box every tensor again (the
+// cost this file exists to avoid).  The params' version counters are bumped
+// here, as torch's in-place ops do.  fastopt/reference.py mirrors this.
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <array>
 #include <utility>
 #include <vector>
 
+#include "optimizer_table.h"
 #include "rules/common.h"
-#include "step_args.h"
+#include "step_ops.h"
 #include "validate.h"
 
 namespace fastopt {
 namespace {
 
+using TensorLists = std::vector<std::vector<at::Tensor>>;
+
 struct BoundTensors : torch::CustomClassHolder {
   std::vector<at::Tensor> params;
-  std::vector<at::Tensor> slots;  // slot-major: slot k of param i at k * params.size() + i
-  std::vector<at::Tensor> steps;    // empty for rules that count no steps
+  TensorLists slots;          // one list per slot of the op, in op order; empty: unused
+  TensorLists scalar_states;  // one list per scalar state of the op (steps, ...)
   std::vector<at::Tensor> masters;  // float32 master copies of the params, or empty
 
-  BoundTensors(std::vector<at::Tensor> params_, std::vector<at::Tensor> slots_,
-               std::vector<at::Tensor> steps_, std::vector<at::Tensor> masters_)
+  BoundTensors(std::vector<at::Tensor> params_, TensorLists slots_, TensorLists scalar_states_,
+               std::vector<at::Tensor> masters_)
       : params(std::move(params_)),
         slots(std::move(slots_)),
-        steps(std::move(steps_)),
+        scalar_states(std::move(scalar_states_)),
         masters(std::move(masters_)) {
     const size_t n = params.size();
-    TORCH_CHECK(n == 0 ? slots.empty() : slots.size() % n == 0,
-                "fastopt.BoundTensors: slots must hold whole lists of ", n, " tensors, got ",
-                slots.size());
-    TORCH_CHECK(steps.empty() || steps.size() == n, "fastopt.BoundTensors: got ", n,
-                " params but ", steps.size(), " steps");
+    for (const auto& slot : slots) {
+      TORCH_CHECK(slot.empty() || slot.size() == n, "fastopt.BoundTensors: got ", n,
+                  " params but a slot list of ", slot.size());
+    }
+    for (const auto& states : scalar_states) {
+      TORCH_CHECK(states.size() == n, "fastopt.BoundTensors: got ", n,
+                  " params but a scalar-state list of ", states.size());
+    }
     TORCH_CHECK(masters.empty() || masters.size() == n, "fastopt.BoundTensors: got ", n,
                 " params but ", masters.size(), " master copies");
   }
 };
 
 using Bound = c10::intrusive_ptr<BoundTensors>;
-
 
 // The tensors of one step: the bound lists restricted to params that have a
 // grad.  When every param has one (the usual case) the lists are the bound
@@ -69,39 +76,33 @@ class StepTensors {
     at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) grads_[i] = bound.params[i].grad();
     });
-    num_slots_ = n == 0 ? 0 : bound.slots.size() / n;
     std::vector<size_t> with_grad;
     for (size_t i = 0; i < n; ++i) {
       if (grads_[i].defined()) with_grad.push_back(i);
     }
     if (with_grad.size() == n) {
       params_ = bound.params;
-      slots_ = bound.slots;
-      steps_ = bound.steps;
       masters_ = bound.masters;
+      for (const auto& slot : bound.slots) slots_.push_back(slot);
+      for (const auto& states : bound.scalar_states) scalar_states_.push_back(states);
       return;
     }
     std::vector<at::Tensor> grads;
     for (size_t i : with_grad) grads.push_back(std::move(grads_[i]));
     grads_ = std::move(grads);
     // Copies of the handles (not the data) of the params that have a grad.
-    std::vector<at::Tensor> params, slots, steps, masters;
-    for (size_t i : with_grad) {
-      params.push_back(bound.params[i]);
-      if (!bound.steps.empty()) steps.push_back(bound.steps[i]);
-      if (!bound.masters.empty()) masters.push_back(bound.masters[i]);
-    }
-    for (size_t k = 0; k < num_slots_; ++k) {
-      for (size_t i : with_grad) slots.push_back(bound.slots[k * n + i]);
-    }
-    owned_params_ = std::move(params);
-    owned_slots_ = std::move(slots);
-    owned_steps_ = std::move(steps);
-    owned_masters_ = std::move(masters);
-    params_ = owned_params_;
-    slots_ = owned_slots_;
-    steps_ = owned_steps_;
-    masters_ = owned_masters_;
+    auto select = [&](const std::vector<at::Tensor>& list) -> at::TensorList {
+      if (list.empty()) return {};
+      std::vector<at::Tensor>& selected = owned_.emplace_back();
+      for (size_t i : with_grad) selected.push_back(list[i]);
+      return selected;
+    };
+    // Reserved so that the lists the TensorLists point into never move.
+    owned_.reserve(2 + bound.slots.size() + bound.scalar_states.size());
+    params_ = select(bound.params);
+    masters_ = select(bound.masters);
+    for (const auto& slot : bound.slots) slots_.push_back(select(slot));
+    for (const auto& states : bound.scalar_states) scalar_states_.push_back(select(states));
   }
 
   bool empty() const { return params_.empty(); }
@@ -115,19 +116,54 @@ class StepTensors {
   }
   at::TensorList params() const { return params_; }
   at::TensorList grads() const { return grads_; }
-  at::TensorList steps() const { return steps_; }
   at::TensorList masters() const { return masters_; }
-  at::TensorList slots() const { return slots_; }  // slot-major, as bound
-  // Slot k's list, or an empty list for a slot the rule does not have.
-  at::TensorList slot(size_t k) const {
-    return k < num_slots_ ? slots_.slice(k * params_.size(), params_.size()) : at::TensorList();
-  }
+  // Slot k of the op (empty when unused), scalar state c.
+  const std::vector<at::TensorList>& slots() const { return slots_; }
+  const std::vector<at::TensorList>& scalar_states() const { return scalar_states_; }
 
  private:
-  std::vector<at::Tensor> grads_, owned_params_, owned_slots_, owned_steps_, owned_masters_;
-  at::TensorList params_, slots_, steps_, masters_;
-  size_t num_slots_ = 0;
+  std::vector<at::Tensor> grads_;
+  std::vector<std::vector<at::Tensor>> owned_;
+  at::TensorList params_, masters_;
+  std::vector<at::TensorList> slots_, scalar_states_;
 };
+
+// The bound op of an optimizer: its arguments off the stack, in schema order
+// (tensors, keyword arguments, maximize, lr_tensor, grad_scale, found_inf,
+// rounding_seed).
+template <class Optimizer>
+void bound_op_kernel(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  constexpr size_t kFields = Optimizer::kFields.size();
+  constexpr size_t kNumArgs = 1 + kFields + 1 + 4;
+  const auto args = torch::jit::last(*stack, kNumArgs);
+  const Bound bound = args[0].toCustomClass<BoundTensors>();
+  const auto hyper = hyper_from<Optimizer>(args.slice(1, kFields));
+  const bool maximize = args[1 + kFields].toBool();
+  const auto step_values = args.slice(2 + kFields);
+  const StepArgs step_args{step_values[0].toOptional<at::Tensor>(),
+                           step_values[1].toOptional<at::Tensor>(),
+                           step_values[2].toOptional<at::Tensor>(), {}, optional_int(step_values[3])};
+  torch::jit::drop(*stack, kNumArgs);
+  const StepTensors t(*bound);
+  if (t.empty()) return;
+  TORCH_CHECK(t.slots().size() == Optimizer::kSlots.size() &&
+                  t.scalar_states().size() == Optimizer::kScalarStates.size(),
+              list_op_name<Optimizer>(), ": the bound tensors have ", t.slots().size(),
+              " slot lists and ", t.scalar_states().size(), " scalar-state lists, expected ",
+              Optimizer::kSlots.size(), " and ", Optimizer::kScalarStates.size());
+  const c10::Device device = t.params()[0].device();
+  const auto step = StepFunctions<Optimizer>::by_device[static_cast<size_t>(device.type())];
+  TORCH_CHECK(step != nullptr, list_op_name<Optimizer>(), ": fastopt has no kernel for ", device,
+              " tensors");
+  std::array<at::TensorList, Optimizer::kSlots.size()> slots;
+  for (size_t k = 0; k < slots.size(); ++k) slots[k] = t.slots()[k];
+  std::array<at::TensorList, Optimizer::kScalarStates.size()> scalar_states;
+  for (size_t c = 0; c < scalar_states.size(); ++c) scalar_states[c] = t.scalar_states()[c];
+  StepArgs with_masters = step_args;
+  with_masters.master_params = t.masters();
+  run_step<Optimizer>(step, t.params(), t.grads(), slots, scalar_states, hyper, maximize, with_masters);
+  t.bump_param_versions();
+}
 
 template <class Signature>
 c10::TypedOperatorHandle<Signature> list_op(const char* name) {
@@ -136,68 +172,14 @@ c10::TypedOperatorHandle<Signature> list_op(const char* name) {
 
 using TL = at::TensorList;
 
-void adam_bound(const Bound& bound, double lr, double beta1, double beta2, double eps,
-                double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                FASTOPT_BOUND_STEP_PARAMS) {
-  static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
-                                bool, bool, bool, FASTOPT_STEP_TYPES)>(
-      "fastopt::adam_");
-  const StepTensors t(*bound);
-  if (t.empty()) return;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(t.params(), t.grads(), t.slot(0), t.slot(1), t.slot(2), t.steps(), lr, beta1, beta2,
-          eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor, grad_scale,
-          found_inf, t.masters(), rounding_seed);
-  t.bump_param_versions();
-}
-
-void sgd_bound(const Bound& bound, double lr, double momentum, double dampening,
-               double weight_decay, bool nesterov, bool maximize, bool first_momentum_step,
-               FASTOPT_BOUND_STEP_PARAMS) {
-  static auto op = list_op<void(TL, TL, TL, double, double, double, double, bool, bool, bool,
-                                FASTOPT_STEP_TYPES)>("fastopt::sgd_");
-  const StepTensors t(*bound);
-  if (t.empty()) return;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(t.params(), t.grads(), t.slot(0), lr, momentum, dampening, weight_decay, nesterov,
-          maximize, first_momentum_step, lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
-  t.bump_param_versions();
-}
-
-void rmsprop_bound(const Bound& bound, double lr, double alpha, double eps, double weight_decay,
-                   double momentum, bool centered, bool maximize, FASTOPT_BOUND_STEP_PARAMS) {
-  static auto op = list_op<void(TL, TL, TL, TL, TL, TL, double, double, double, double, double,
-                                bool, bool, FASTOPT_STEP_TYPES)>(
-      "fastopt::rmsprop_");
-  const StepTensors t(*bound);
-  if (t.empty()) return;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  // Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
-  const size_t momentum_slot = centered ? 2 : 1;
-  op.call(t.params(), t.grads(), t.slot(0), centered ? t.slot(1) : TL(), t.slot(momentum_slot),
-          t.steps(), lr, alpha, eps, weight_decay, momentum, centered, maximize, lr_tensor,
-          grad_scale, found_inf, t.masters(), rounding_seed);
-  t.bump_param_versions();
-}
-
-void adagrad_bound(const Bound& bound, double lr, double lr_decay, double weight_decay,
-                   double eps, bool maximize, FASTOPT_BOUND_STEP_PARAMS) {
-  static auto op = list_op<void(TL, TL, TL, TL, double, double, double, double, bool,
-                                FASTOPT_STEP_TYPES)>("fastopt::adagrad_");
-  const StepTensors t(*bound);
-  if (t.empty()) return;
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(t.params(), t.grads(), t.slot(0), t.steps(), lr, lr_decay, weight_decay, eps, maximize,
-          lr_tensor, grad_scale, found_inf, t.masters(), rounding_seed);
-  t.bump_param_versions();
-}
-
 void roofline_bound(const Bound& bound) {
   static auto op = list_op<void(TL, TL, TL)>("fastopt::roofline_");
   const StepTensors t(*bound);
   if (t.empty()) return;
+  std::vector<at::Tensor> slots;  // slot-major, as the roofline op takes them
+  for (const at::TensorList slot : t.slots()) slots.insert(slots.end(), slot.begin(), slot.end());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(t.params(), t.grads(), t.slots());
+  op.call(t.params(), t.grads(), slots);
   t.bump_param_versions();
 }
 
@@ -227,17 +209,18 @@ void check_step_tensors(const BoundTensors& bound) {
   static const char* const kWhat = "fastopt.BoundTensors.check";
   const StepTensors t(bound);
   if (t.empty()) return;
-  std::vector<NamedTensorList> slots;
-  const size_t num_slots = t.slots().size() / t.params().size();
-  for (size_t k = 0; k < num_slots; ++k) slots.push_back({"state_slots", t.slot(k)});
-  const bool counts_steps = !t.steps().empty();
-  check_list_lengths(kWhat, t.params(), t.grads(), slots, t.steps(), counts_steps, t.masters());
+  std::vector<NamedTensorList> slots, scalar_states;
+  for (const at::TensorList slot : t.slots()) {
+    if (!slot.empty()) slots.push_back({"state_slots", slot});
+  }
+  for (const at::TensorList states : t.scalar_states()) scalar_states.push_back({"scalar_states", states});
+  check_list_lengths(kWhat, t.params(), t.grads(), slots, scalar_states, t.masters());
   const c10::DeviceType device_type = t.params()[0].device().type();
   const at::ScalarType state_dtype = state_dtype_of(t.params(), slots, !t.masters().empty());
   at::parallel_for(0, int64_t(t.params().size()), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      check_tensors_at(kWhat, i, t.params(), t.grads(), slots, t.steps(), counts_steps, device_type,
-                       state_dtype, t.masters());
+      check_tensors_at(kWhat, i, t.params(), t.grads(), slots, scalar_states, device_type, state_dtype,
+                       t.masters());
     }
   });
 }
@@ -246,31 +229,17 @@ void check_step_tensors(const BoundTensors& bound) {
 
 TORCH_LIBRARY_FRAGMENT(fastopt, m) {
   m.class_<BoundTensors>("BoundTensors")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>>())
+      .def(torch::init<std::vector<at::Tensor>, TensorLists, TensorLists, std::vector<at::Tensor>>())
       .def("check", [](const Bound& self) { check_step_tensors(*self); });
-  m.def(
-      "adam_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
-      "bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
-      &adam_bound);
-  m.def(
-      "sgd_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_momentum_step, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
-      &sgd_bound);
-  m.def(
-      "rmsprop_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
-      "float alpha, float eps, float weight_decay, float momentum, bool centered, "
-      "bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
-      &rmsprop_bound);
-  m.def(
-      "adagrad_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors, *, float lr, "
-      "float lr_decay, float weight_decay, float eps, bool maximize, " FASTOPT_BOUND_STEP_ARGS ") -> ()",
-      &adagrad_bound);
+  for_each_optimizer([&](auto descriptor) {
+    using Optimizer = decltype(descriptor);
+    m.def(step_op_schema<Optimizer>(/*bound=*/true).c_str(),
+          torch::CppFunction::makeFromBoxedFunction<&bound_op_kernel<Optimizer>>());
+  });
   m.def("grad_sq_norm_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> Tensor",
         &grad_sq_norm_bound);
-  // The roofline through the same per-step path as the optimizers (bench/).
+  // The roofline through the same per-step path as the optimizers (bench/),
+  // its slots bound as the op's one slot list per slot.
   m.def("roofline_bound_(__torch__.torch.classes.fastopt.BoundTensors tensors) -> ()",
         &roofline_bound);
 }

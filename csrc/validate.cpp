@@ -38,25 +38,24 @@ void check_like_param(const char* op, const char* list, size_t i, const at::Tens
 }  // namespace
 
 void check_list_lengths(const char* op, at::TensorList params, at::TensorList grads,
-                        const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                        bool counts_steps, at::TensorList master_params) {
+                        const std::vector<NamedTensorList>& slots,
+                        const std::vector<NamedTensorList>& scalar_states,
+                        at::TensorList master_params) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads");
   TORCH_CHECK(master_params.empty() || master_params.size() == n, op, ": got ", n,
               " params but ", master_params.size(), " master_params");
-  for (const auto& slot : slots) {
-    TORCH_CHECK(slot.tensors.size() == n, op, ": got ", n, " params but ", slot.tensors.size(), " ",
-                slot.name);
-  }
-  if (counts_steps) {
-    TORCH_CHECK(state_steps.size() == n, op, ": got ", n, " params but ", state_steps.size(),
-                " state_steps");
+  for (const auto* lists : {&slots, &scalar_states}) {
+    for (const auto& list : *lists) {
+      TORCH_CHECK(list.tensors.size() == n, op, ": got ", n, " params but ", list.tensors.size(), " ",
+                  list.name);
+    }
   }
 }
 
 void check_tensors_at(const char* op, size_t i, at::TensorList params, at::TensorList grads,
-                      const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                      bool counts_steps, c10::DeviceType device_type,
+                      const std::vector<NamedTensorList>& slots,
+                      const std::vector<NamedTensorList>& scalar_states, c10::DeviceType device_type,
                       at::ScalarType state_dtype, at::TensorList master_params) {
   const at::Tensor& p = params[i];
   TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
@@ -72,13 +71,13 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
   check_like_param(op, "grads", i, grads[i], p, p.scalar_type());
   for (const auto& slot : slots) check_like_param(op, slot.name, i, slot.tensors[i], p, state_dtype);
   if (!master_params.empty()) check_like_param(op, "master_params", i, master_params[i], p, at::kFloat);
-  if (counts_steps) {
-    const at::Tensor& step = state_steps[i];
-    TORCH_CHECK(step.defined() && step.numel() == 1 &&
-                    (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
-                op, ": state_steps[", i, "] must be a one-element float32 or float64 tensor");
-    TORCH_CHECK(step.device().is_cpu() || step.device() == p.device(), op, ": state_steps[", i,
-                "] is on ", step.device(), " but params[", i, "] is on ", p.device());
+  for (const auto& list : scalar_states) {
+    const at::Tensor& state = list.tensors[i];
+    TORCH_CHECK(state.defined() && state.numel() == 1 &&
+                    (state.scalar_type() == at::kFloat || state.scalar_type() == at::kDouble),
+                op, ": ", list.name, "[", i, "] must be a one-element float32 or float64 tensor");
+    TORCH_CHECK(state.device().is_cpu() || state.device() == p.device(), op, ": ", list.name, "[", i,
+                "] is on ", state.device(), " but params[", i, "] is on ", p.device());
   }
 }
 

@@ -18,12 +18,13 @@ struct NamedTensorList {
   at::TensorList tensors;
 };
 
-// Checks that grads, every slot list, master_params (unless empty) and (when
-// counting steps) state_steps hold one tensor per param; throws naming the
+// Checks that grads, every slot list, every scalar-state list and
+// master_params (unless empty) hold one tensor per param; throws naming the
 // list.
 void check_list_lengths(const char* op, at::TensorList params, at::TensorList grads,
-                        const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                        bool counts_steps, at::TensorList master_params = {});
+                        const std::vector<NamedTensorList>& slots,
+                        const std::vector<NamedTensorList>& scalar_states,
+                        at::TensorList master_params = {});
 
 // The dtype of a call's state slots (Note [Storage of a step] in
 // cpu/multi_tensor_apply.h): the first slot tensor's; when the rule keeps
@@ -47,12 +48,13 @@ void check_storage(const char* op, at::ScalarType param_dtype, at::ScalarType st
 // Checks the tensors at index i: the param is a supported dense tensor of
 // params[0]'s dtype on device_type; its grad has its device, dtype and
 // shape, its slot tensors its device and shape and dtype state_dtype, its
-// master copy (when given) its device and shape and dtype float32, its step
-// one float element; throws naming the list and index.  Independent per
-// index, so callers may check in parallel.
+// master copy (when given) its device and shape and dtype float32, each
+// scalar state (the step count, ...) is one float32 or float64 element on
+// the CPU or the param's device; throws naming the list and index.
+// Independent per index, so callers may check in parallel.
 void check_tensors_at(const char* op, size_t i, at::TensorList params, at::TensorList grads,
-                      const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-                      bool counts_steps, c10::DeviceType device_type,
+                      const std::vector<NamedTensorList>& slots,
+                      const std::vector<NamedTensorList>& scalar_states, c10::DeviceType device_type,
                       at::ScalarType state_dtype, at::TensorList master_params = {});
 
 // Checks the grads of fastopt::grad_sq_norm: each a dense tensor of a

@@ -13,8 +13,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# The in-place list ops: no outputs, mutations declared in their schemas.
-MUTATING_LIST_OPS = ("adam_", "sgd_", "rmsprop_", "adagrad_", "roofline_")
+
+def mutating_list_ops() -> list[str]:
+    """The in-place list ops of the loaded extension (one per row of the
+    optimizer table, and the roofline): no outputs, mutations declared in
+    their schemas.  The bound ops end in ``_bound_`` and are left out."""
+    names = (schema.name.split("::", 1)[1] for schema in torch._C._jit_get_all_schemas()
+             if schema.name.startswith("fastopt::"))
+    return sorted(name for name in names if name.endswith("_") and not name.endswith("_bound_"))
 
 
 def _no_output(*args, **kwargs) -> None:
@@ -29,7 +35,7 @@ def _grad_sq_norm_fake(grads: list[Tensor]) -> Tensor:
 def register_fakes() -> None:
     """Registers the fake implementations of the compiled list ops (called
     once, after fastopt._C has defined them)."""
-    for name in MUTATING_LIST_OPS:
+    for name in mutating_list_ops():
         torch.library.register_fake(f"fastopt::{name}", _no_output)
     torch.library.register_fake("fastopt::grad_sq_norm", _grad_sq_norm_fake)
 

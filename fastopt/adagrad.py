@@ -13,6 +13,9 @@ class Adagrad(FusedOptimizer):
     constructor's params is created at construction.  Sparse grads run on
     the reference (see Note [Failed steps] in optimizer.py)."""
 
+    _op = "adagrad"
+    _op_slots = ("sum",)
+
     def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
@@ -61,9 +64,6 @@ class Adagrad(FusedOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
 
-    def _slot_names(self, group):
-        return ("sum",)
-
     def _init_slots(self, group, param, state):
         if state.get("sum") is None:
             value = group["initial_accumulator_value"]
@@ -76,8 +76,6 @@ class Adagrad(FusedOptimizer):
             return "weight_decay option is not compatible with sparse gradients"
         return None
 
-    def _run(self, group, bucket, step_args):
-        bucket.kernels.adagrad_bound_(
-            bucket.bound, **step_args, lr_decay=group["lr_decay"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-        )
+    def _hyper(self, group):
+        return {"lr_decay": group["lr_decay"], "weight_decay": group["weight_decay"],
+                "eps": group["eps"], "maximize": group["maximize"]}

@@ -23,6 +23,8 @@ class Adam(FusedOptimizer):
     the norm of the last step.
     """
 
+    _op = "adam"
+    _op_slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _sparse_grad_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -89,19 +91,12 @@ class Adam(FusedOptimizer):
     def _slot_names(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
-    def _init_slots(self, group, param, state):
-        for name in self._slot_names(group):
-            if name not in state:
-                state[name] = self._new_slot(group, param)
-
-    def _run(self, group, bucket, step_args):
+    def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        bucket.kernels.adam_bound_(
-            bucket.bound, **step_args, beta1=_scalar(beta1), beta2=_scalar(beta2), eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-        )
+        return {"beta1": _scalar(beta1), "beta2": _scalar(beta2), "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+                "decoupled_weight_decay": group["decoupled_weight_decay"], "amsgrad": group["amsgrad"],
+                "maximize": group["maximize"]}
 
 
 class AdamW(Adam):

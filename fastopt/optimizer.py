@@ -95,22 +95,24 @@ class _Bucket:
     device: torch.device
     dtype: torch.dtype
     fresh: bool  # holds params whose state was created this step
-    # kernels.BoundTensors(params, slot-major state slots, steps), or for
-    # DTensor params a _LocalShards with the list ops (kernels is the reference)
+    # kernels.BoundTensors(params, slot lists, scalar-state lists, master
+    # copies), or for DTensor params a _LocalShards with the list ops
+    # (kernels is the reference)
     bound: Any
-    # Complex params: (params, slot-major state slots, steps), bound as real
+    # Complex params: (params, slot lists, scalar-state lists), bound as real
     # views each step (Note [Failed steps]); None for real params.
-    complex_tensors: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+    complex_tensors: tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]]] | None = None
 
     def bind_real_views(self) -> None:
-        params, slots, steps = self.complex_tensors
+        params, slots, scalar_states = self.complex_tensors
         views = []
         for p in params:
             view = torch.view_as_real(p)
             if p.grad is not None:
                 view.grad = torch.view_as_real(p.grad)
             views.append(view)
-        self.bound = self.kernels.BoundTensors(views, [torch.view_as_real(t) for t in slots], steps, [])
+        real_slots = [[torch.view_as_real(t) for t in slot] for slot in slots]
+        self.bound = self.kernels.BoundTensors(views, real_slots, scalar_states, [])
 
 
 @dataclass
@@ -228,15 +230,15 @@ class _LocalShards(reference.BoundTensors):
     ``ops`` (the compiled ops or the reference): each step runs them on the
     local shards (Note [Step plans])."""
 
-    def __init__(self, ops: Any, params: list[Tensor], slots: list[Tensor], steps: list[Tensor],
-                 masters: list[Tensor]):
-        super().__init__(params, slots, steps, masters, ops=ops)
+    def __init__(self, ops: Any, params: list[Tensor], slots: list[list[Tensor]],
+                 scalar_states: list[list[Tensor]], masters: list[Tensor]):
+        super().__init__(params, slots, scalar_states, masters, ops=ops)
 
     def step_tensors(self):
         tensors = super().step_tensors()
         if tensors is None:
             return None
-        params, grads, slots, steps, masters = tensors
+        params, grads, slots, scalar_states, masters = tensors
         # A grad laid out unlike its param (e.g. Partial) is redistributed, as
         # torch.optim's ops on the DTensors would do implicitly.
         grads = [g if g.placements == p.placements else g.redistribute(p.device_mesh, p.placements)
@@ -245,7 +247,7 @@ class _LocalShards(reference.BoundTensors):
         # DTensors' own version counters, as torch's in-place ops bump them.
         torch.autograd.graph.increment_version(params)
         return ([_local(p) for p in params], [_local(g) for g in grads],
-                [[_local(t) for t in slot] for slot in slots], steps, [_local(m) for m in masters])
+                [[_local(t) for t in slot] for slot in slots], scalar_states, [_local(m) for m in masters])
 
 
 @dataclass
@@ -266,8 +268,10 @@ class _GradBindings:
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class of fastopt optimizers (see Note [Step plans]).
 
-    Subclasses define ``_counts_steps``, ``_slot_names(group)``,
-    ``_init_slots(group, param, state)`` and ``_run(group, bucket, step_args)``.
+    A subclass declares its op and state (see "what a subclass declares"
+    below): ``_op``, ``_op_slots``, ``_scalar_states``, ``_hyper(group)`` and,
+    where its options change them, ``_slot_names(group)``,
+    ``_init_slots(group, param, state)`` and ``_initial_scalar_state``.
 
     ``max_grad_norm`` (keyword-only in every optimizer; None: off) clips as
     ``torch.nn.utils.clip_grad_norm_(all params, max_grad_norm)`` before each
@@ -275,7 +279,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     fastopt/clip.py); ``last_grad_norm`` is the norm the last step saw.
     """
 
-    _counts_steps: bool = True
+    # The op a step runs: fastopt::<_op>_bound_ (compiled) or
+    # fastopt.reference.<_op>_bound_, whose list op takes the state lists in
+    # the order of the optimizer's row of csrc/optimizer_table.h.
+    _op: str
+    # torch.optim's state key of each of the op's slot lists, in op order.
+    _op_slots: tuple[str, ...] = ()
+    # torch.optim's state key of each of the op's per-tensor scalar states
+    # (0-dim float32 tensors, "step" first where the optimizer counts steps).
+    _scalar_states: tuple[str, ...] = ("step",)
     # torch.amp.GradScaler.step sets ``grad_scale`` and ``found_inf`` on
     # optimizers that advertise this; the kernels unscale the grads in
     # registers and skip the whole step when found_inf is nonzero.
@@ -304,17 +316,30 @@ class FusedOptimizer(torch.optim.Optimizer):
                     _extension.kernels_for("fused", p.device)
 
     # -- what a subclass declares -------------------------------------------
-    def _slot_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The op's keyword arguments from ``group``: its hyperparameters but
+        lr (which ``_step_args`` gives), and ``maximize``."""
         raise NotImplementedError
+
+    def _slot_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The slots ``group``'s options keep, in op order (a subset of ``_op_slots``)."""
+        return self._op_slots
 
     def _init_slots(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        """Creates the missing slots of ``state`` for ``param``."""
-        raise NotImplementedError
+        """Creates the missing slots of ``state`` for ``param`` (zeros by default)."""
+        for name in self._slot_names(group):
+            if state.get(name) is None:
+                state[name] = self._new_slot(group, param)
+
+    def _initial_scalar_state(self, group: dict[str, Any], param: Tensor, name: str) -> float:
+        """The value scalar state ``name`` starts with (the step count: 0)."""
+        return 0.0
 
     def _run(self, group: dict[str, Any], bucket: _Bucket, step_args: dict[str, Any]) -> None:
-        """Calls the bucket's ``*_bound_`` op with the group's hyperparameters
-        and ``**step_args`` (lr and the per-step tensors, see ``_step_args``)."""
-        raise NotImplementedError
+        """Calls the bucket's ``<_op>_bound_`` op with the group's
+        hyperparameters and ``**step_args`` (lr and the per-step tensors, see
+        ``_step_args``)."""
+        getattr(bucket.kernels, f"{self._op}_bound_")(bucket.bound, **step_args, **self._hyper(group))
 
     def _sparse_grad_problem(self, group: dict[str, Any]) -> str | None:
         """Why a sparse grad cannot be stepped with ``group``'s options
@@ -420,7 +445,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  "state_dict of another optimizer?); nothing was changed")
             slot_names = self._slot_names(group)
             required = [name for name in slot_names if name not in self._optional_slots]
-            required += ["step"] if self._counts_steps else []
+            required += list(self._scalar_states)
             for j, p in enumerate(group["params"]):
                 state = self.state.get(p)
                 if not state:
@@ -431,12 +456,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{where}: the loaded state of {param} has no {missing}; expected "
                                      f"{required} (the state_dict of another optimizer, or saved with "
                                      "other options?); nothing was changed")
-                if self._counts_steps and not isinstance(state["step"], Tensor):
-                    # A step saved as a number (older torch), converted as torch.optim does.
-                    state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+                for name in self._scalar_states:
+                    if not isinstance(state[name], Tensor):
+                        # Saved as a number (older torch), converted as torch.optim does.
+                        state[name] = torch.tensor(float(state[name]), dtype=torch.float32)
                 problem = reference.tensor_problem(
                     "the param", p, self._state_tensors(group, p, state),
-                    "state['step']" if self._counts_steps else "", state.get("step"), complex_ok=True,
+                    {f"state[{name!r}]": state[name] for name in self._scalar_states}, complex_ok=True,
                     dtypes=self._state_dtypes(group, p))
                 if problem is not None:
                     raise ValueError(
@@ -522,13 +548,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale, found_inf, grad_norm = self._step_scales(traced=True)
         for group in self.param_groups:
             lists, _, _ = self._bucket_lists(group)
-            for (device, dtype, fresh, sharded), (params, slots, steps, masters) in lists:
+            for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters) in lists:
                 if dtype.is_complex or sharded:
                     raise NotImplementedError(
                         f"fastopt.{type(self).__name__}: a compiled step supports real, non-DTensor "
                         f"params only (got {'complex' if dtype.is_complex else 'DTensor'} params); "
                         "step outside torch.compile")
-                bound = reference.BoundTensors(params, [t for slot in slots for t in slot], steps, masters,
+                bound = reference.BoundTensors(params, slots, scalar_states, masters,
                                                ops=_extension.kernels_for(self._backend, device))
                 bucket = _Bucket(reference, device, dtype, fresh, bound)
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf, traced=True))
@@ -594,10 +620,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise RuntimeError(f"{problem} (got a sparse grad for {where})") from error
                 state = self.state.get(p, {})
                 tensors = {"grad": p.grad, **self._state_tensors(group, p, state)}
-                counted = self._counts_steps and "step" in state
+                scalar_states = {f"state[{key!r}]": state[key] for key in self._scalar_states if key in state}
                 problem = reference.tensor_problem(
-                    "the param", p, tensors, "state['step']" if counted else "", state.get("step"),
-                    complex_ok=True, sparse_ok=("grad",), dtypes=self._state_dtypes(group, p))
+                    "the param", p, tensors, scalar_states, complex_ok=True, sparse_ok=("grad",),
+                    dtypes=self._state_dtypes(group, p))
                 if problem is not None:
                     raise RuntimeError(
                         f"fastopt.{name}.step: {where}: {problem}; nothing was changed") from error
@@ -715,37 +741,39 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self, group: dict[str, Any], key: tuple, kernels: Any = None) -> _Plan:
         lists, waiting, created = self._bucket_lists(group)
         buckets = []
-        for (device, dtype, fresh, sharded), (params, slots, steps, masters) in lists:
+        for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters) in lists:
             bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
-            flat_slots = [t for slot in slots for t in slot]
             if dtype.is_complex:
-                complex_tensors = (params, flat_slots, steps)
+                complex_tensors = (params, slots, scalar_states)
                 buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors))
             elif sharded:
-                bound = _LocalShards(bucket_kernels, params, flat_slots, steps, masters)
+                bound = _LocalShards(bucket_kernels, params, slots, scalar_states, masters)
                 buckets.append(_Bucket(reference, device, dtype, fresh, bound))
             else:
-                bound = bucket_kernels.BoundTensors(params, flat_slots, steps, masters)
+                bound = bucket_kernels.BoundTensors(params, slots, scalar_states, masters)
                 buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound))
         single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
 
     def _complete_state(self, group: dict[str, Any], p: Tensor, create: bool) -> dict[str, Any]:
-        """``p``'s state, with its missing step count and slots created when
-        ``create``, its step count where the kernels count it and its master
-        copy (if it has one) made when missing."""
+        """``p``'s state, with its missing scalar states (step count, ...) and
+        slots created when ``create``, its scalar states where the kernels
+        read them and its master copy (if it has one) made when missing."""
         state = self.state[p] if create or p in self.state else {}  # no empty entries
         if create:
-            if self._counts_steps and state.get("step") is None:
-                # zeros, not tensor(0.0): no host-to-device copy per param
-                state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p))
+            for name in self._scalar_states:
+                if state.get(name) is None:
+                    # full, not tensor(value): no host-to-device copy per param
+                    state[name] = torch.full((), self._initial_scalar_state(group, p, name),
+                                             dtype=torch.float32, device=_step_device(p))
             self._init_slots(group, p, state)
-        step = state.get("step") if self._counts_steps else None
-        if step is not None and (step.device != _step_device(p) or (
-                p.device.type != "cpu" and step.dtype != torch.float32)):
-            # e.g. loaded from torch.optim, which keeps steps on the CPU;
-            # the CUDA kernels count float32 steps on the device.
-            state["step"] = step.to(_step_device(p), torch.float32)
+        for name in self._scalar_states:
+            value = state.get(name)
+            if value is not None and (value.device != _step_device(p) or (
+                    p.device.type != "cpu" and value.dtype != torch.float32)):
+                # e.g. loaded from torch.optim, which keeps steps on the CPU;
+                # the CUDA kernels read and write float32 states on the device.
+                state[name] = value.to(_step_device(p), torch.float32)
         if _has_master(self._options, p) and state.get("master_param") is None:
             # New, or loaded from a state_dict without one (torch.optim's).
             state = self.state[p]
@@ -754,14 +782,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _bucket_lists(self, group: dict[str, Any]):
         """The group's params with a grad or state, split into buckets, each
-        as ((device, dtype, fresh, DTensor?), (params, one list per slot,
-        steps, master copies)) in the order they step; the params still
-        waiting for their first grad; and the state this created or completed,
-        as it was before (see _Plan).  Creates missing state."""
+        as ((device, dtype, fresh, DTensor?), (params, one list per slot of the
+        op (empty for slots the options leave out), one list per scalar state,
+        master copies)) in the order they step; the params still waiting for
+        their first grad; and the state this created or completed, as it was
+        before (see _Plan).  Creates missing state."""
         slot_names = self._slot_names(group)
-        required = slot_names + (("step",) if self._counts_steps else ())
-        # (device, dtype, fresh, DTensor?, occurrence) -> (params, one list per slot, steps, masters)
-        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[Tensor], list[Tensor]]] = {}
+        required = slot_names + self._scalar_states
+        # (device, dtype, fresh, DTensor?, occurrence) -> (params, slot lists, scalar-state lists, masters)
+        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]], list[Tensor]]] = {}
         waiting: list[Tensor] = []
         created: list[tuple[Tensor, dict[str, Any] | None]] = []
         created_ids: set[int] = set()
@@ -783,14 +812,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 created.append((p, dict(state) if p in self.state else None))
             state = self._complete_state(group, p, create)
             sharded = dtensor is not None and isinstance(p, dtensor)
-            params, slots, steps, masters = lists.setdefault(
-                (p.device, p.dtype, fresh, sharded, occurrence), ([], [[] for _ in slot_names], [], [])
-            )
+            params, slots, scalar_states, masters = lists.setdefault(
+                (p.device, p.dtype, fresh, sharded, occurrence),
+                ([], [[] for _ in self._op_slots], [[] for _ in self._scalar_states], []))
             params.append(p)
-            for slot, name in zip(slots, slot_names):
-                slot.append(state[name])
-            if self._counts_steps:
-                steps.append(state["step"])
+            for slot, name in zip(slots, self._op_slots):
+                if name in slot_names:
+                    slot.append(state[name])
+            for states, name in zip(scalar_states, self._scalar_states):
+                states.append(state[name])
             if _has_master(self._options, p):
                 masters.append(state["master_param"])
         # Sorted by occurrence: a param's second entry steps after its first.

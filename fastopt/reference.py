@@ -13,6 +13,7 @@ Like the ops, every function checks all its tensors before it changes any.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import sys
@@ -23,15 +24,14 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "grad_sq_norm",
-    "BoundTensors", "tensor_problem", "is_dense",
-    "adam_bound_", "sgd_bound_", "rmsprop_bound_", "adagrad_bound_", "grad_sq_norm_bound_",
+    "BoundTensors", "tensor_problem", "is_dense", "grad_sq_norm_bound_",
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | None],
-                   step_name: str = "", step: Tensor | None = None, *, complex_ok: bool = False,
+                   scalar_states: dict[str, Any] | None = None, *, complex_ok: bool = False,
                    sparse_ok: tuple[str, ...] = (), dtypes: dict[str, torch.dtype] | None = None
                    ) -> str | None:
     """What is wrong with one param's tensors, e.g. ``"grads[2] has shape [8]
@@ -40,7 +40,8 @@ def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | N
     as real pairs where ``complex_ok``), each of ``tensors`` (name: tensor) has
     its device and shape and its dtype, or the one ``dtypes`` names for it
     (state slots, master copies), and is dense unless named in ``sparse_ok``;
-    ``step`` is a one-element float tensor."""
+    each of ``scalar_states`` (name: value; the step count, ...) is a
+    one-element float tensor."""
     dtypes = dtypes or {}
     if param.layout != torch.strided:
         return f"{param_name} has layout {param.layout}; fastopt supports dense (strided) tensors only"
@@ -62,9 +63,10 @@ def tensor_problem(param_name: str, param: Tensor, tensors: dict[str, Tensor | N
                 return f"{name} has dtype {t.dtype} but {param_name} has dtype {param.dtype}"
             return (f"{name} has dtype {t.dtype} but {expected_dtype} was expected "
                     f"({param_name} has dtype {param.dtype})")
-    if step_name and (not isinstance(step, Tensor) or step.numel() != 1
-                      or step.dtype not in (torch.float32, torch.float64)):
-        return f"{step_name} must be a one-element float32 or float64 tensor"
+    for name, state in (scalar_states or {}).items():
+        if (not isinstance(state, Tensor) or state.numel() != 1
+                or state.dtype not in (torch.float32, torch.float64)):
+            return f"{name} must be a one-element float32 or float64 tensor"
     return None
 
 
@@ -77,11 +79,12 @@ def _state_dtype(params: Sequence[Tensor], slots: dict[str, Sequence[Tensor]],
 
 
 def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
-                 slots: dict[str, Sequence[Tensor]], state_steps: Sequence[Tensor] | None,
+                 slots: dict[str, Sequence[Tensor]], scalar_states: dict[str, Sequence[Tensor]],
                  master_params: Sequence[Tensor] = (), rounding_seed: int | None = None,
                  sparse_grads: bool = False) -> None:
     """The checks of csrc/validate.cpp: one grad, slot tensor, master copy
-    (when given) and step per param, each on the param's device with its shape;
+    (when given) and scalar state (step count, ...) per param, each on the
+    param's device with its shape;
     grads of the param's dtype (``sparse_grads``: they may be sparse), slots of
     the call's state dtype, master copies float32; and a storage the kernels
     support (check_storage)."""
@@ -89,11 +92,9 @@ def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     lists = {"grads": grads, **slots}
     if master_params:
         lists["master_params"] = master_params
-    for name, tensors in lists.items():
+    for name, tensors in {**lists, **scalar_states}.items():
         if len(tensors) != n:
             raise RuntimeError(f"fastopt::{op}: got {n} params but {len(tensors)} {name}")
-    if state_steps is not None and len(state_steps) != n:
-        raise RuntimeError(f"fastopt::{op}: got {n} params but {len(state_steps)} state_steps")
     if n == 0:
         return
     state_dtype = _state_dtype(params, slots, bool(master_params))
@@ -102,8 +103,7 @@ def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
         dtypes[f"master_params[{i}]"] = torch.float32
         problem = tensor_problem(
             f"params[{i}]", p, {f"{name}[{i}]": tensors[i] for name, tensors in lists.items()},
-            f"state_steps[{i}]" if state_steps is not None else "",
-            state_steps[i] if state_steps is not None else None,
+            {f"{name}[{i}]": states[i] for name, states in scalar_states.items()},
             sparse_ok=(f"grads[{i}]",) if sparse_grads else (), dtypes=dtypes)
         if problem is None and p.dtype != params[0].dtype:
             problem = (f"params[{i}] has dtype {p.dtype} but params[0] has dtype {params[0].dtype}; "
@@ -182,10 +182,10 @@ class _Step:
     conversion to and from opmath (float32 for 16-bit params, float64 for
     float64), master copies and the rounding of params on store."""
 
-    def __init__(self, op: str, params, grads, slots: dict[str, Sequence[Tensor]], state_steps, *,
-                 lr: float, lr_tensor, grad_scale, found_inf, master_params, rounding_seed,
-                 sparse_grads: bool = False) -> None:
-        _check_lists(op, params, grads, slots, state_steps, master_params, rounding_seed, sparse_grads)
+    def __init__(self, op: str, params, grads, slots: dict[str, Sequence[Tensor]],
+                 scalar_states: dict[str, Sequence[Tensor]], *, lr: float, lr_tensor, grad_scale,
+                 found_inf, master_params, rounding_seed, sparse_grads: bool = False) -> None:
+        _check_lists(op, params, grads, slots, scalar_states, master_params, rounding_seed, sparse_grads)
         _check_step_args(op, lr_tensor, grad_scale, found_inf)
         self.skip = _amp_skips(found_inf)
         self.lr = lr if lr_tensor is None else lr_tensor.item()
@@ -249,7 +249,7 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
     slots = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
-    st = _Step("adam_", params, grads, slots, state_steps,
+    st = _Step("adam_", params, grads, slots, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
@@ -293,7 +293,7 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
     if nesterov and momentum <= 0:
         raise RuntimeError("fastopt::sgd_: nesterov needs momentum > 0")
     slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    st = _Step("sgd_", params, grads, slots, None,
+    st = _Step("sgd_", params, grads, slots, {},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed, sparse_grads=True)
     if st.skip:
@@ -333,7 +333,7 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
         slots["grad_avgs"] = grad_avgs
     if momentum > 0:
         slots["momentum_buffers"] = momentum_buffers
-    st = _Step("rmsprop_", params, grads, slots, state_steps,
+    st = _Step("rmsprop_", params, grads, slots, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
@@ -375,7 +375,7 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
     A sparse grad (torch.optim's sparse Adagrad, no weight decay) updates ``s``
     and ``p`` at its indices only.
     """
-    st = _Step("adagrad_", params, grads, {"state_sums": state_sums}, state_steps,
+    st = _Step("adagrad_", params, grads, {"state_sums": state_sums}, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed,
                sparse_grads=True)
@@ -411,18 +411,6 @@ def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, 
     state_sum.add_(at_indices(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
     param.add_(at_indices(values / std_values), alpha=-clr)
-
-
-def _check_scalar_states(op: str, params: Sequence[Tensor], scalar_states: dict[str, Sequence[Tensor]]) -> None:
-    """The checks of per-tensor scalar-state lists beyond ``state_steps``: one
-    one-element float32 / float64 tensor per param."""
-    for name, tensors in scalar_states.items():
-        if len(tensors) != len(params):
-            raise RuntimeError(f"fastopt::{op}: got {len(params)} params but {len(tensors)} {name}")
-        for i, (p, t) in enumerate(zip(params, tensors)):
-            problem = tensor_problem(f"params[{i}]", p, {}, f"{name}[{i}]", t)
-            if problem is not None:
-                raise RuntimeError(f"fastopt::{op}: {problem}")
 
 
 def _float32(value: float) -> float:
@@ -462,8 +450,8 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, mu_products, *, lr
         m += (1 - beta1) * (g - m);  v = beta2*v + (1 - beta2)*g*g;  denom = sqrt(v / (1 - beta2^t)) + eps
         p += -lr*(1 - mu_t)/(1 - mu_product) * g/denom;  p += -lr*mu_{t+1}/(1 - mu_product*mu_{t+1}) * m/denom
     """
-    _check_scalar_states("nadam_", params, {"mu_products": mu_products})
-    st = _Step("nadam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, state_steps,
+    st = _Step("nadam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps, "mu_products": mu_products},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
@@ -502,7 +490,8 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta
         p -= m/(1 - beta1^t) * lr * sqrt(1 - beta2^t)/(sqrt(v) + eps) * r_t    (rho_t > 5)
         p -= m/(1 - beta1^t) * lr                                            (otherwise)
     """
-    st = _Step("radam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, state_steps,
+    st = _Step("radam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
@@ -537,7 +526,8 @@ def adamax_(params, grads, exp_avgs, exp_infs, state_steps, *, lr, beta1, beta2,
         m += (1 - beta1) * (g - m);  u = max(beta2*u, |g| + eps)
         p += -lr/(1 - beta1^t) * m/u
     """
-    st = _Step("adamax_", params, grads, {"exp_avgs": exp_avgs, "exp_infs": exp_infs}, state_steps,
+    st = _Step("adamax_", params, grads, {"exp_avgs": exp_avgs, "exp_infs": exp_infs},
+               {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
@@ -566,7 +556,8 @@ def adadelta_(params, grads, square_avgs, acc_deltas, state_steps, *, lr, rho, e
         s = rho*s + (1 - rho)*g*g;  d = sqrt(a + eps)/sqrt(s + eps) * g;  a = rho*a + (1 - rho)*d*d
         p += -lr * d
     """
-    st = _Step("adadelta_", params, grads, {"square_avgs": square_avgs, "acc_deltas": acc_deltas}, state_steps,
+    st = _Step("adadelta_", params, grads, {"square_avgs": square_avgs, "acc_deltas": acc_deltas},
+               {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed)
     if st.skip:
@@ -610,8 +601,10 @@ def grad_sq_norm(grads) -> Tensor:
 
 
 class BoundTensors:
-    """A bucket's params, state slots (slot-major, like the C++ class) and step
-    counts, bound once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
+    """A bucket's params, state slots (one list per slot of the op, in op
+    order, empty for a slot the options leave out), per-tensor scalar states
+    (one list per scalar state: step counts, ...) and master copies, bound
+    once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
 
     # The list ops a step calls (``adam_``, ...): this module's, or those
     # given as ``ops`` (the compiled ops for DTensor buckets and for steps
@@ -619,79 +612,61 @@ class BoundTensors:
     # fastopt/optimizer.py).
     ops: Any = sys.modules[__name__]
 
-    def __init__(self, params: list[Tensor], slots: list[Tensor], steps: list[Tensor],
+    def __init__(self, params: list[Tensor], slots: list[list[Tensor]], scalar_states: list[list[Tensor]],
                  masters: list[Tensor], ops: Any = None) -> None:
         if ops is not None:
             self.ops = ops
         n = len(params)
-        if (len(slots) % n if n else len(slots)) != 0:
-            raise RuntimeError(f"fastopt.BoundTensors: slots must hold whole lists of {n} tensors, "
-                               f"got {len(slots)}")
-        if steps and len(steps) != n:
-            raise RuntimeError(f"fastopt.BoundTensors: got {n} params but {len(steps)} steps")
+        for what, lists in (("slot", [s for s in slots if s]), ("scalar-state", scalar_states)):
+            for tensors in lists:
+                if len(tensors) != n:
+                    raise RuntimeError(f"fastopt.BoundTensors: got {n} params but a {what} list of "
+                                       f"{len(tensors)}")
         if masters and len(masters) != n:
             raise RuntimeError(f"fastopt.BoundTensors: got {n} params but {len(masters)} master copies")
-        self.params, self.steps, self.masters = params, steps, masters
-        self.slots = [slots[k * n:(k + 1) * n] for k in range(len(slots) // n)] if n else []
+        self.params, self.slots, self.scalar_states, self.masters = params, slots, scalar_states, masters
 
     def step_tensors(self):
         """The bound lists restricted to params that have a grad: (params, grads,
-        slot lists, steps, master copies), or None when no param has one."""
+        slot lists, scalar-state lists, master copies), or None when no param
+        has one."""
         keep = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not keep:
             return None
-        params = [self.params[i] for i in keep]
-        slots = [[slot[i] for i in keep] for slot in self.slots]
-        steps = [self.steps[i] for i in keep] if self.steps else []
-        masters = [self.masters[i] for i in keep] if self.masters else []
-        return params, [p.grad for p in params], slots, steps, masters
+
+        def select(tensors: list[Tensor]) -> list[Tensor]:
+            return [tensors[i] for i in keep] if tensors else []
+
+        params = select(self.params)
+        return (params, [p.grad for p in params], [select(slot) for slot in self.slots],
+                [select(states) for states in self.scalar_states], select(self.masters))
 
     def check(self) -> None:
         """Checks this step's tensors as the bucket's op will, before another
         bucket's op runs (Note [Atomic steps across buckets] in csrc/bound_ops.cpp)."""
         tensors = self.step_tensors()
         if tensors is not None:
-            params, grads, slots, steps, masters = tensors
+            params, grads, slots, scalar_states, masters = tensors
             _check_lists("BoundTensors.check", params, grads,
-                         {f"state_slots{k}": slot for k, slot in enumerate(slots)},
-                         steps if self.steps else None, masters)
+                         {f"state_slots{k}": slot for k, slot in enumerate(slots) if slot},
+                         {f"scalar_states{c}": states for c, states in enumerate(scalar_states)}, masters)
 
 
-def _slot(slots: list[list[Tensor]], k: int) -> list[Tensor]:
-    return slots[k] if k < len(slots) else []
-
-
-def adam_bound_(bound: BoundTensors, **hyper) -> None:
+def _bound_step(op: str, bound: BoundTensors, **hyper) -> None:
+    """The bound op of list op ``op``: the bound lists (of params with a grad)
+    passed in op order, as csrc/bound_ops.cpp does."""
     tensors = bound.step_tensors()
     if tensors is not None:
-        params, grads, slots, steps, masters = tensors
-        bound.ops.adam_(params, grads, _slot(slots, 0), _slot(slots, 1), _slot(slots, 2), steps,
-                        master_params=masters, **hyper)
+        params, grads, slots, scalar_states, masters = tensors
+        getattr(bound.ops, op)(params, grads, *slots, *scalar_states, master_params=masters, **hyper)
 
 
-def sgd_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = bound.step_tensors()
-    if tensors is not None:
-        params, grads, slots, _, masters = tensors
-        bound.ops.sgd_(params, grads, _slot(slots, 0), master_params=masters, **hyper)
-
-
-def rmsprop_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = bound.step_tensors()
-    if tensors is not None:
-        params, grads, slots, steps, masters = tensors
-        # Slots are bound in the rule's order: square_avg, [grad_avg], [momentum_buffer].
-        grad_avgs = slots[1] if hyper["centered"] else []
-        momentum_buffers = _slot(slots, 2 if hyper["centered"] else 1)
-        bound.ops.rmsprop_(params, grads, slots[0], grad_avgs, momentum_buffers, steps,
-                           master_params=masters, **hyper)
-
-
-def adagrad_bound_(bound: BoundTensors, **hyper) -> None:
-    tensors = bound.step_tensors()
-    if tensors is not None:
-        params, grads, slots, steps, masters = tensors
-        bound.ops.adagrad_(params, grads, slots[0], steps, master_params=masters, **hyper)
+def __getattr__(name: str) -> Any:
+    """``<op>_bound_`` for every list op ``<op>_`` of this module: the bound ops
+    follow from the list ops, as in the compiled extension."""
+    if name.endswith("_bound_") and name != "grad_sq_norm_bound_" and name[:-len("bound_")] in globals():
+        return functools.partial(_bound_step, name[:-len("bound_")])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def grad_sq_norm_bound_(bound: BoundTensors) -> Tensor:

@@ -12,6 +12,8 @@ class RMSprop(FusedOptimizer):
     """Drop-in for :class:`torch.optim.RMSprop`; see :class:`fastopt.Adam` for
     the keyword-only ``backend``."""
 
+    _op = "rmsprop"
+    _op_slots = ("square_avg", "grad_avg", "momentum_buffer")
     _sparse_grad_error = "RMSprop does not support sparse gradients"
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
@@ -64,14 +66,7 @@ class RMSprop(FusedOptimizer):
             + (("momentum_buffer",) if group["momentum"] > 0 else ())
         )
 
-    def _init_slots(self, group, param, state):
-        for name in self._slot_names(group):
-            if state.get(name) is None:
-                state[name] = self._new_slot(group, param)
-
-    def _run(self, group, bucket, step_args):
-        bucket.kernels.rmsprop_bound_(
-            bucket.bound, **step_args,
-            alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
-        )
+    def _hyper(self, group):
+        return {"alpha": group["alpha"], "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "momentum": group["momentum"], "centered": group["centered"],
+                "maximize": group["maximize"]}

@@ -14,7 +14,9 @@ class SGD(FusedOptimizer):
     first gradient, as in torch.optim.  Sparse grads run on the reference
     (see Note [Failed steps] in optimizer.py)."""
 
-    _counts_steps = False
+    _op = "sgd"
+    _op_slots = ("momentum_buffer",)
+    _scalar_states = ()
     _optional_slots = ("momentum_buffer",)  # torch.optim creates it on the first momentum step
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -61,14 +63,11 @@ class SGD(FusedOptimizer):
     def _slot_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _init_slots(self, group, param, state):
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = self._new_slot(group, param)
+    def _hyper(self, group):
+        return {"momentum": group["momentum"], "dampening": group["dampening"],
+                "weight_decay": group["weight_decay"], "nesterov": group["nesterov"],
+                "maximize": group["maximize"]}
 
     def _run(self, group, bucket, step_args):
-        bucket.kernels.sgd_bound_(
-            bucket.bound, **step_args,
-            momentum=group["momentum"], dampening=group["dampening"],
-            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-            maximize=group["maximize"], first_momentum_step=bucket.fresh,
-        )
+        # A bucket of fresh state holds buffers that start as a copy of the grad.
+        super()._run(group, bucket, {**step_args, "first_momentum_step": bucket.fresh})

@@ -9,11 +9,12 @@
 // covers tensors of any mix of sizes and element indices are 64-bit.  CUDA
 // 12.1+ allows 32 KB of kernel arguments (the __grid_constant__ struct is
 // read in place), older versions 4 KB, hence two launch sizes.  A block
-// derives its tensor's per-step scalars itself from the device step count
-// and lr, so a step reads no device value on the host: it can be captured
-// in a CUDA graph.  Step counts are incremented by a separate small kernel
-// before the update kernel of the same launch, so no block can see another
-// block's increment.  Streams are read and written 16 bytes at a time when
+// derives its tensor's per-step scalars itself from the tensor's scalar
+// states on the device (step count, ...; Rule::advance gives their new
+// values) and lr, so a step reads no device value on the host: it can be
+// captured in a CUDA graph.  The new scalar states are written by a separate
+// small kernel after the update kernel of the same launch, so every block
+// reads the values from before the step.  Streams are read and written 16 bytes at a time when
 // every pointer of a tensor is 16-byte aligned, one element at a time
 // otherwise; arithmetic is in float for 16-bit dtypes (double for double).
 // Storage (params, state, master copies, stochastic rounding) is that of
@@ -101,12 +102,13 @@ struct Storage {
 template <class Rule, class Store>
 struct LaunchArgs {
   static constexpr int kSlots = Rule::kNumSlots > 0 ? Rule::kNumSlots : 1;
+  static constexpr int kStates = Rule::kNumScalarStates > 0 ? Rule::kNumScalarStates : 1;
   struct Tensor {
     typename Store::param_type* param;
     const typename Store::param_type* grad;
     typename Store::state_type* slot[kSlots];
     float* master;
-    const float* step;
+    const float* scalar_state[kStates];
     int64_t numel;
     uint32_t index;  // within the call: part of the stochastic rounding hash
     bool aligned;    // every stream aligned for vector loads and stores
@@ -122,16 +124,38 @@ struct LaunchArgs {
   uint32_t rounding_seed;
 };
 
-struct StepCountArgs {
-  float* steps[kMaxTensorsPerLaunch];
-  int num_steps;
+// The scalar states of a launch's tensors, advanced one tensor per thread
+// after its update kernel (Note [CUDA driver layout]).
+template <class Rule>
+struct ScalarStateArgs {
+  float* states[kMaxTensorsPerLaunch][Rule::kNumScalarStates];
+  int num_tensors;
+  typename Rule::Hyper hyper;
+  const double* lr;
   const float* found_inf;
 };
 
-__global__ void increment_steps_kernel(const StepCountArgs __grid_constant__ args) {
+// The tensor's scalar states before this step and after it.
+template <class Rule>
+__device__ __forceinline__ void advance_scalar_states(const typename Rule::Hyper& hyper,
+                                                      const float* const* states, double* before,
+                                                      double* after) {
+#pragma unroll
+  for (int c = 0; c < Rule::kNumScalarStates; ++c) before[c] = double(*states[c]);
+  Rule::advance(hyper, before, after);
+}
+
+template <class Rule>
+__global__ void advance_scalar_states_kernel(const ScalarStateArgs<Rule> __grid_constant__ args) {
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < args.num_steps) *args.steps[i] += 1.f;
+  if (i >= args.num_tensors) return;
+  typename Rule::Hyper hyper = args.hyper;
+  if (args.lr != nullptr) hyper.lr = *args.lr;
+  double before[Rule::kNumScalarStates], after[Rule::kNumScalarStates];
+  advance_scalar_states<Rule>(hyper, args.states[i], before, after);
+#pragma unroll
+  for (int c = 0; c < Rule::kNumScalarStates; ++c) *args.states[i][c] = float(after[c]);
 }
 
 __device__ __forceinline__ __nv_bfloat16 round_stochastically(float value, uint32_t seed,
@@ -214,8 +238,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   const auto& t = args.tensors[lo];
   typename Rule::Hyper hyper = args.hyper;
   if (args.lr != nullptr) hyper.lr = *args.lr;
-  const double step = Rule::kCountsSteps ? double(*t.step) : 0.0;
-  const auto scalars = Rule::template scalars<opmath_t>(hyper, step);
+  double before[LaunchArgs<Rule, Store>::kStates], after[LaunchArgs<Rule, Store>::kStates];
+  advance_scalar_states<Rule>(hyper, t.scalar_state, before, after);
+  const auto scalars = Rule::template scalars<opmath_t>(hyper, before, after);
   const opmath_t grad_scale = args.grad_scale != nullptr ? opmath_t(*args.grad_scale) : opmath_t(1);
   const opmath_t grad_sign = args.maximize ? opmath_t(-1) : opmath_t(1);
   const int64_t begin = int64_t(chunk - args.first_chunk[lo]) * kChunkElements;
@@ -269,15 +294,6 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
   static_assert(sizeof(LaunchArgs<Rule, Store>) <= kMaxKernelArgBytes,
                 "kernel arguments exceed the parameter space");
   cudaStream_t stream = launch.stream;
-  if (Rule::kCountsSteps) {
-    StepCountArgs counts{};
-    counts.num_steps = int(end - begin);
-    counts.found_inf = launch.found_inf;
-    for (int64_t i = begin; i < end; ++i) counts.steps[i - begin] = launch.tensors[i].step;
-    const unsigned threads = 128;
-    launch_kernel(increment_steps_kernel, (unsigned(counts.num_steps) + threads - 1) / threads, threads,
-                  stream, counts, "increment_steps_kernel");
-  }
   LaunchArgs<Rule, Store> args{};
   args.hyper = hyper;
   args.rounding_seed = launch.rounding_seed;
@@ -299,14 +315,30 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     t.master = in.master;
     if (Store::kMaster) t.aligned = t.aligned && aligned<float, kWidth>(in.master);
     t.index = uint32_t(i);
-    t.step = in.step;
+    for (int c = 0; c < Rule::kNumScalarStates; ++c) t.scalar_state[c] = in.scalar_state[c];
     t.numel = in.numel;
     args.first_chunk[args.num_tensors++] = int32_t(chunks);
     chunks += (in.numel + kChunkElements - 1) / kChunkElements;
   }
-  if (chunks == 0) return;
-  launch_kernel(update_kernel<Rule, Store>, unsigned(chunks), kBlockThreads, stream, args,
-                "update_kernel");
+  if (chunks > 0) {
+    launch_kernel(update_kernel<Rule, Store>, unsigned(chunks), kBlockThreads, stream, args,
+                  "update_kernel");
+  }
+  if constexpr (Rule::kNumScalarStates > 0) {
+    ScalarStateArgs<Rule> states{};
+    states.num_tensors = int(end - begin);
+    states.hyper = hyper;
+    states.lr = launch.lr;
+    states.found_inf = launch.found_inf;
+    for (int64_t i = begin; i < end; ++i) {
+      for (int c = 0; c < Rule::kNumScalarStates; ++c) {
+        states.states[i - begin][c] = launch.tensors[i].scalar_state[c];
+      }
+    }
+    const unsigned threads = 128;
+    launch_kernel(advance_scalar_states_kernel<Rule>, (unsigned(states.num_tensors) + threads - 1) / threads,
+                  threads, stream, states, "advance_scalar_states_kernel");
+  }
 }
 
 // Chunks per launch stay below this, so chunk indices fit the int32 block
@@ -396,4 +428,17 @@ void launch_rule(const StepLaunch& launch, const typename Rule::Hyper& hyper) {
   });
 }
 
+// One step of an optimizer of the table: the rule variant its hyperparameters
+// select, on every tensor of the launch.
+template <class Optimizer>
+void launch_step(const StepLaunch& launch, const typename Optimizer::Hyper& hyper) {
+  Optimizer::with_rule(hyper, [&](auto rule) { launch_rule<decltype(rule)>(launch, hyper); });
+}
+
 }  // namespace fastopt::cuda
+
+// The explicit instantiation of launch_step for one row of the optimizer
+// table (its generated CUDA translation unit, Note [The optimizer table]).
+#define FASTOPT_INSTANTIATE_CUDA_STEP(name, Descriptor)                       \
+  template void fastopt::cuda::launch_step<fastopt::rules::Descriptor>(       \
+      const fastopt::cuda::StepLaunch&, const fastopt::rules::Descriptor::Hyper&);

@@ -11,6 +11,8 @@
 #include <map>
 #include <vector>
 
+#include "../optimizer_table.h"
+#include "../step_ops.h"
 #include "../validate.h"
 #include "step_launch.h"
 
@@ -53,28 +55,29 @@ const T* device_scalar(const char* op, const char* name, const std::optional<at:
 
 // Checks the call and lays out its pointers; writes nothing.
 template <typename HyperT>
-void prepare(const char* op, at::TensorList params, at::TensorList grads,
-             const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-             bool counts_steps, HyperT& hyper, bool maximize, const StepArgs& step_args,
-             PreparedStep& step) {
+void prepare(const char* op, const StepLists& lists, HyperT& hyper, bool maximize,
+             const StepArgs& step_args, PreparedStep& step) {
+  const at::TensorList params = lists.params;
+  const at::TensorList grads = lists.grads;
+  const std::vector<NamedTensorList>& slots = lists.slots;
+  const std::vector<NamedTensorList>& scalar_states = lists.scalar_states;
   const at::TensorList masters = step_args.master_params;
-  check_list_lengths(op, params, grads, slots, state_steps, counts_steps, masters);
+  check_list_lengths(op, params, grads, slots, scalar_states, masters);
   check_step_args(op, step_args);
   const size_t n = params.size();
   if (n == 0) return;
   const at::ScalarType state_dtype = state_dtype_of(params, slots, !masters.empty());
   for (size_t i = 0; i < n; ++i) {
-    check_tensors_at(op, i, params, grads, slots, state_steps, counts_steps, c10::kCUDA,
-                     state_dtype, masters);
+    check_tensors_at(op, i, params, grads, slots, scalar_states, c10::kCUDA, state_dtype, masters);
     TORCH_CHECK(params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
                 params[i].device(), " but params[0] is on ", params[0].device(),
                 "; one call takes tensors of one device");
-    if (counts_steps) {
-      TORCH_CHECK(state_steps[i].device() == params[i].device() &&
-                      state_steps[i].scalar_type() == at::kFloat,
-                  op, ": state_steps[", i, "] must be a float32 tensor on ", params[i].device(),
-                  " (the kernels count steps on the device), got a ",
-                  state_steps[i].scalar_type(), " tensor on ", state_steps[i].device());
+    for (const auto& list : scalar_states) {
+      const at::Tensor& state = list.tensors[i];
+      TORCH_CHECK(state.device() == params[i].device() && state.scalar_type() == at::kFloat, op, ": ",
+                  list.name, "[", i, "] must be a float32 tensor on ", params[i].device(),
+                  " (the kernels advance scalar states on the device), got a ", state.scalar_type(),
+                  " tensor on ", state.device());
     }
   }
   const bool stochastic = step_args.rounding_seed.has_value();
@@ -107,7 +110,9 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
     if (!masters.empty()) direct = direct && masters[i].strides() == p.strides();
     TensorPointers& t = step.tensors[i];
     t.numel = p.numel();
-    t.step = counts_steps ? state_steps[i].data_ptr<float>() : nullptr;
+    for (size_t c = 0; c < scalar_states.size(); ++c) {
+      t.scalar_state[c] = scalar_states[c].tensors[i].data_ptr<float>();
+    }
     t.param = direct ? p.data_ptr() : staged(p, true);
     t.grad = direct ? grads[i].const_data_ptr() : staged(grads[i], false);
     for (size_t k = 0; k < slots.size(); ++k) {
@@ -131,78 +136,29 @@ void prepare(const char* op, at::TensorList params, at::TensorList grads,
 // Checks, launches `run(launch, hyper)` on the current stream of the params'
 // device and writes staged tensors back (queued on the same stream).
 template <typename HyperT, class Run>
-void run_step(const char* op, at::TensorList params, at::TensorList grads,
-              const std::vector<NamedTensorList>& slots, at::TensorList state_steps,
-              bool counts_steps, HyperT hyper, bool maximize, const StepArgs& step_args, Run&& run) {
+void run_launch(const char* op, const StepLists& lists, HyperT hyper, bool maximize,
+                const StepArgs& step_args, Run&& run) {
   PreparedStep step;
-  prepare(op, params, grads, slots, state_steps, counts_steps, hyper, maximize, step_args, step);
-  if (params.empty() || step.skip_on_host) return;
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  prepare(op, lists, hyper, maximize, step_args, step);
+  if (lists.params.empty() || step.skip_on_host) return;
+  const c10::cuda::CUDAGuard device_guard(lists.params[0].device());
   step.launch.stream = at::cuda::getCurrentCUDAStream().stream();
   run(step.launch, hyper);
   for (auto& [original, copy] : step.write_backs) original.copy_(copy);
 }
 
-using OptionalTensor = std::optional<at::Tensor>;
-
-void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-               at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
-               double weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize,
-               FASTOPT_STEP_PARAMS) {
-  std::vector<NamedTensorList> slots{{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  if (amsgrad) slots.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
-  run_step("fastopt::adam_", params, grads, slots, state_steps, true,
-           rules::AdamHyper{lr, beta1, beta2, eps, weight_decay}, maximize,
-           {FASTOPT_STEP_VALUES}, [&](const StepLaunch& launch, const auto& hyper) {
-             adam_step(launch, hyper, decoupled_weight_decay, amsgrad);
-           });
-}
-
-void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-              bool maximize, bool first_momentum_step, FASTOPT_STEP_PARAMS) {
-  TORCH_CHECK(!nesterov || momentum > 0, "fastopt::sgd_: nesterov needs momentum > 0");
-  std::vector<NamedTensorList> slots;
-  if (momentum != 0) slots.push_back({"momentum_buffers", momentum_buffers});
-  run_step("fastopt::sgd_", params, grads, slots, {}, false,
-           rules::SgdHyper{lr, momentum, dampening, weight_decay, first_momentum_step}, maximize,
-           {FASTOPT_STEP_VALUES}, [&](const StepLaunch& launch, const auto& hyper) {
-             sgd_step(launch, hyper, momentum != 0, nesterov);
-           });
-}
-
-void rmsprop_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                  at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                  at::TensorList state_steps, double lr, double alpha, double eps,
-                  double weight_decay, double momentum, bool centered, bool maximize,
-                  FASTOPT_STEP_PARAMS) {
-  std::vector<NamedTensorList> slots{{"square_avgs", square_avgs}};
-  if (centered) slots.push_back({"grad_avgs", grad_avgs});
-  if (momentum > 0) slots.push_back({"momentum_buffers", momentum_buffers});
-  run_step("fastopt::rmsprop_", params, grads, slots, state_steps, true,
-           rules::RmspropHyper{lr, alpha, eps, weight_decay, momentum}, maximize,
-           {FASTOPT_STEP_VALUES}, [&](const StepLaunch& launch, const auto& hyper) {
-             rmsprop_step(launch, hyper, centered, momentum > 0);
-           });
-}
-
-void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
-                  double eps, bool maximize, FASTOPT_STEP_PARAMS) {
-  run_step("fastopt::adagrad_", params, grads, {{"state_sums", state_sums}}, state_steps, true,
-           rules::AdagradHyper{lr, lr_decay, weight_decay, eps}, maximize,
-           {FASTOPT_STEP_VALUES},
-           [&](const StepLaunch& launch, const auto& hyper) { adagrad_step(launch, hyper); });
+// The CUDA step of an optimizer of the table (its kernels: launch_step).
+template <class Optimizer>
+void step(const char* op, const StepLists& lists, const typename Optimizer::Hyper& hyper,
+          bool maximize, const StepArgs& step_args) {
+  run_launch(op, lists, hyper, maximize, step_args,
+             [](const StepLaunch& launch, const auto& h) { launch_step<Optimizer>(launch, h); });
 }
 
 void roofline_cuda(at::TensorList params, at::TensorList grads, at::TensorList slots) {
-  const std::vector<NamedTensorList> slot_lists = roofline_slot_lists(params, slots);
-  const size_t num_slots = slot_lists.size();
-  run_step("fastopt::roofline_", params, grads, slot_lists, {}, false, rules::RooflineHyper{},
-           false, {}, [&](const StepLaunch& launch, const auto&) {
-             roofline_step(launch, int(num_slots));
-           });
+  const StepLists lists{params, grads, roofline_slot_lists(params, slots), {}};
+  run_launch("fastopt::roofline_", lists, rules::RooflineHyper{}, false, {},
+             [&](const StepLaunch& launch, const auto&) { roofline_step(launch, int(lists.slots.size())); });
 }
 
 // fastopt::grad_sq_norm on the device: per-tensor norms by at::_foreach_norm
@@ -229,10 +185,10 @@ at::Tensor grad_sq_norm_cuda(at::TensorList grads) {
 
 TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("grad_sq_norm", &grad_sq_norm_cuda);
-  m.impl("adam_", &adam_cuda);
-  m.impl("sgd_", &sgd_cuda);
-  m.impl("rmsprop_", &rmsprop_cuda);
-  m.impl("adagrad_", &adagrad_cuda);
+  for_each_optimizer([&](auto descriptor) {
+    using Optimizer = decltype(descriptor);
+    register_step_kernel<Optimizer, &step<Optimizer>>(m, c10::DeviceType::CUDA);
+  });
   m.impl("roofline_", &roofline_cuda);
 }
 

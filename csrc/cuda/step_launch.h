@@ -6,12 +6,8 @@
 
 #include <cstdint>
 
-#include "../rules/adagrad.h"
-#include "../rules/adam.h"
+#include "../optimizer_table.h"
 #include "../rules/common.h"
-#include "../rules/rmsprop.h"
-#include "../rules/roofline.h"
-#include "../rules/sgd.h"
 
 struct CUstream_st;  // cudaStream_t, without the CUDA runtime headers
 
@@ -26,7 +22,7 @@ struct TensorPointers {
   const void* grad;
   void* slot[kMaxSlots];  // the rule's slots in its order; unused ones null
   float* master;          // float32 master copy of the param, or null
-  float* step;            // the param's step count on the device; null for rules without
+  float* scalar_state[kMaxScalarStates];  // the optimizer's, on the device (step count, ...)
   int64_t numel;
 };
 
@@ -54,14 +50,11 @@ struct StepLaunch {
 // over more is split into several launches.
 int64_t max_tensors_per_launch();
 
-// Each throws std::runtime_error when a launch fails.
-void adam_step(const StepLaunch& launch, const rules::AdamHyper& hyper,
-               bool decoupled_weight_decay, bool amsgrad);
-void sgd_step(const StepLaunch& launch, const rules::SgdHyper& hyper, bool has_momentum,
-              bool nesterov);
-void rmsprop_step(const StepLaunch& launch, const rules::RmspropHyper& hyper, bool centered,
-                  bool has_momentum);
-void adagrad_step(const StepLaunch& launch, const rules::AdagradHyper& hyper);
+// One step of an optimizer of the table (instantiated per optimizer in
+// generated translation units, Note [The optimizer table]), and of the
+// roofline; each throws std::runtime_error when a launch fails.
+template <class Optimizer>
+void launch_step(const StepLaunch& launch, const typename Optimizer::Hyper& hyper);
 void roofline_step(const StepLaunch& launch, int num_slots);
 
 }  // namespace fastopt::cuda

@@ -17,9 +17,10 @@ namespace fastopt::rules {
 
 enum class WeightDecay { kL2, kDecoupled };
 
-// Group hyperparameters as the optimizer holds them.
+// The op's hyperparameters (AdamOptimizer::kFields).
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay, amsgrad;
 };
 
 // Per-tensor scalars, derived once per tensor and step from AdamHyper and the
@@ -36,13 +37,18 @@ template <WeightDecay kWeightDecay, bool kAmsgrad>
 struct Adam {
   enum Slot { kExpAvg, kExpAvgSq, kMaxExpAvgSq };
   static constexpr int kNumSlots = kAmsgrad ? 3 : 2;
-  static constexpr bool kCountsSteps = true;
+  static constexpr int kNumScalarStates = 1;  // step
   using Hyper = AdamHyper;
   template <typename T>
   using Scalars = AdamScalars<T>;
 
+  FASTOPT_HOST_DEVICE static void advance(const Hyper&, const double* before, double* after) {
+    count_step(before, after);
+  }
+
   template <typename T>
-  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper& h, double step) {
+  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper& h, const double*, const double* after) {
+    const double step = after[0];
     const double bias_correction1 = 1.0 - std::pow(h.beta1, step);
     const double bias_correction2 = 1.0 - std::pow(h.beta2, step);
     Scalars<T> s;
@@ -77,6 +83,29 @@ struct Adam {
     }
     const T denom = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
     param = param + s.neg_step_size * (exp_avg / denom);
+  }
+};
+
+struct AdamOptimizer {
+  static constexpr const char* kName = "adam";
+  using Hyper = AdamHyper;
+  static constexpr std::array<const char*, 3> kSlots{"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
+  static constexpr std::array<const char*, 1> kScalarStates{"state_steps"};
+  static constexpr std::array<Field<Hyper>, 7> kFields{{
+      {"lr", &Hyper::lr}, {"beta1", &Hyper::beta1}, {"beta2", &Hyper::beta2}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay}, {"decoupled_weight_decay", &Hyper::decoupled_weight_decay},
+      {"amsgrad", &Hyper::amsgrad}}};
+
+  static constexpr std::array<bool, 3> slots_used(const Hyper& h) { return {true, true, h.amsgrad}; }
+  static const char* problem(const Hyper&) { return nullptr; }
+
+  template <class Fn>
+  static void with_rule(const Hyper& h, Fn&& fn) {
+    if (h.decoupled_weight_decay) {
+      h.amsgrad ? fn(Adam<WeightDecay::kDecoupled, true>{}) : fn(Adam<WeightDecay::kDecoupled, false>{});
+    } else {
+      h.amsgrad ? fn(Adam<WeightDecay::kL2, true>{}) : fn(Adam<WeightDecay::kL2, false>{});
+    }
   }
 };
 

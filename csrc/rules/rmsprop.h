@@ -16,6 +16,7 @@ namespace fastopt::rules {
 
 struct RmspropHyper {
   double lr, alpha, eps, weight_decay, momentum;
+  bool centered;
 };
 
 template <typename T>
@@ -30,13 +31,17 @@ struct Rmsprop {
   static constexpr int kGradAvg = 1;                       // centered only
   static constexpr int kMomentumBuffer = kCentered ? 2 : 1;  // momentum only
   static constexpr int kNumSlots = 1 + int(kCentered) + int(kMomentum);
-  static constexpr bool kCountsSteps = true;
+  static constexpr int kNumScalarStates = 1;  // step (counted, as torch does; unused)
   using Hyper = RmspropHyper;
   template <typename T>
   using Scalars = RmspropScalars<T>;
 
+  FASTOPT_HOST_DEVICE static void advance(const Hyper&, const double* before, double* after) {
+    count_step(before, after);
+  }
+
   template <typename T>
-  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper& h, double /*step*/) {
+  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper& h, const double*, const double*) {
     return {T(-h.lr), T(h.alpha), T(1.0 - h.alpha), T(h.eps), T(h.weight_decay), T(h.momentum)};
   }
 
@@ -58,6 +63,31 @@ struct Rmsprop {
       param = param + s.neg_lr * buf;
     } else {
       param = param + s.neg_lr * (grad / avg);
+    }
+  }
+};
+
+struct RmspropOptimizer {
+  static constexpr const char* kName = "rmsprop";
+  using Hyper = RmspropHyper;
+  static constexpr std::array<const char*, 3> kSlots{"square_avgs", "grad_avgs", "momentum_buffers"};
+  static constexpr std::array<const char*, 1> kScalarStates{"state_steps"};
+  static constexpr std::array<Field<Hyper>, 6> kFields{{
+      {"lr", &Hyper::lr}, {"alpha", &Hyper::alpha}, {"eps", &Hyper::eps},
+      {"weight_decay", &Hyper::weight_decay}, {"momentum", &Hyper::momentum},
+      {"centered", &Hyper::centered}}};
+
+  static constexpr std::array<bool, 3> slots_used(const Hyper& h) {
+    return {true, h.centered, h.momentum > 0};
+  }
+  static const char* problem(const Hyper&) { return nullptr; }
+
+  template <class Fn>
+  static void with_rule(const Hyper& h, Fn&& fn) {
+    if (h.centered) {
+      h.momentum > 0 ? fn(Rmsprop<true, true>{}) : fn(Rmsprop<true, false>{});
+    } else {
+      h.momentum > 0 ? fn(Rmsprop<false, true>{}) : fn(Rmsprop<false, false>{});
     }
   }
 };

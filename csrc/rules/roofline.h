@@ -19,13 +19,15 @@ struct RooflineScalars {};
 template <int kSlots>
 struct Roofline {
   static constexpr int kNumSlots = kSlots;
-  static constexpr bool kCountsSteps = false;
+  static constexpr int kNumScalarStates = 0;
   using Hyper = RooflineHyper;
   template <typename T>
   using Scalars = RooflineScalars<T>;
 
+  FASTOPT_HOST_DEVICE static void advance(const Hyper&, const double*, double*) {}
+
   template <typename T>
-  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper&, double) {
+  FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper&, const double*, const double*) {
     return {};
   }
 
@@ -35,5 +37,16 @@ struct Roofline {
     for (int k = 0; k < kSlots; ++k) slot[k] = slot[k] + grad;
   }
 };
+
+// num_slots in [0, kMaxSlots]; the ops check the range.
+template <class Fn>
+void with_roofline(int num_slots, Fn&& fn) {
+  switch (num_slots) {
+    case 0: fn(Roofline<0>{}); break;
+    case 1: fn(Roofline<1>{}); break;
+    case 2: fn(Roofline<2>{}); break;
+    default: fn(Roofline<3>{}); break;
+  }
+}
 
 }  // namespace fastopt::rules

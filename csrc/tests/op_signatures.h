@@ -12,6 +12,7 @@ namespace fastopt::test {
 using TL = at::TensorList;
 using AdamOp = void(TL, TL, TL, TL, TL, TL, double, double, double, double, double, bool, bool,
                     bool, FASTOPT_STEP_TYPES);
+// lr, momentum, dampening, weight_decay, nesterov, first_momentum_step, maximize
 using SgdOp = void(TL, TL, TL, double, double, double, double, bool, bool, bool, FASTOPT_STEP_TYPES);
 using RmspropOp = void(TL, TL, TL, TL, TL, TL, double, double, double, double, double, bool, bool,
                        FASTOPT_STEP_TYPES);

@@ -173,7 +173,7 @@ inline rules::AdamHyper random_adam_hyper(Rng& rng, bool weight_decay) {
 inline rules::SgdHyper random_sgd_hyper(Rng& rng, bool weight_decay) {
   const double dampening = rng.coin() ? 0.0 : rng.uniform(0.0, 0.9);
   return {rng.log_uniform(1e-4, 0.5), rng.uniform(0.1, 0.99), dampening,
-          random_weight_decay(rng, weight_decay), false};
+          random_weight_decay(rng, weight_decay), /*nesterov=*/false, /*first_momentum_step=*/false};
 }
 
 inline rules::RmspropHyper random_rmsprop_hyper(Rng& rng, bool weight_decay) {

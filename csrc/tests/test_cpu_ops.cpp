@@ -295,14 +295,14 @@ std::vector<OpCase> sgd_cases() {
         c.maximize = maximize;
         c.fresh_sgd = v.fresh;
         auto hyper = [=](int call) {
-          return rules::SgdHyper{3e-2, v.momentum, v.dampening, wd, v.fresh && call == 0};
+          return rules::SgdHyper{3e-2, v.momentum, v.dampening, wd, v.nesterov, v.fresh && call == 0};
         };
         c.call = [=](const OpLists& l, int call) {
           const rules::SgdHyper h = hyper(call);
           const std::vector<at::Tensor> none;
           op<SgdOp>("fastopt::sgd_")
               .call(l.params, l.grads, momentum ? TL(l.slots[0]) : TL(none), h.lr, h.momentum,
-                    h.dampening, h.weight_decay, v.nesterov, maximize, h.first_momentum_step, {}, {},
+                    h.dampening, h.weight_decay, h.nesterov, h.first_momentum_step, maximize, {}, {},
                     {}, {}, {});
         };
         c.reference = [=](Tracked& p, Tracked g, Tracked* s, double, int call) {

@@ -1,14 +1,15 @@
 // The CUDA kernels run on the CPU (Note [CUDA emulation]) through the entry
-// points the CUDA launcher calls (adam_step, sgd_step, ...), compared bit
-// for bit with the CPU driver (the fastopt ops through the dispatcher) on
-// the same inputs: every rule and variant on every storage the CUDA driver
+// points the CUDA launcher calls (launch_step<Optimizer>, roofline_step),
+// compared bit for bit with the CPU driver (the fastopt ops through the
+// dispatcher, called boxed as Python calls them) on the same inputs: every
+// optimizer of the table in each of its rule variants on every storage the CUDA driver
 // instantiates (Note [Storage of a step]), over tensors of sizes 0, 1, the
 // vector widths +- 1, the chunk size +- 1 and ~200k, with aligned streams
 // (the vector path) next to unaligned ones (the scalar path) in one launch;
 // maximize, weight decay, a grad_scale, an lr read through a device pointer,
-// a step skipped by found_inf (nothing changes, step counts included) and
+// a step skipped by found_inf (nothing changes, scalar states included) and
 // stochastic rounding.  Then more tensors than one launch takes (the step
-// splits into launches, each counting its tensors' steps once), and the
+// splits into launches, each advancing its tensors' scalar states once), and the
 // emulated half / bfloat16 conversions against c10's.
 //
 // Both sides are built without multiply-add contraction (-ffp-contract=off),
@@ -26,9 +27,11 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../cuda/step_launch.h"
+#include "../optimizer_table.h"
 #include "check.h"
 #include "cuda_emulation/float16.h"
 #include "cuda_emulation/launch_count.h"
@@ -125,17 +128,21 @@ at::Tensor twin(const at::Tensor& t) {
 
 // One driver's copy of everything a step writes.
 struct Streams {
-  std::vector<at::Tensor> params, masters, steps;
-  std::vector<std::vector<at::Tensor>> slots;  // [slot][tensor]
+  std::vector<at::Tensor> params, masters;
+  std::vector<std::vector<at::Tensor>> slots;          // [slot][tensor], the variant's slots
+  std::vector<std::vector<at::Tensor>> scalar_states;  // [state][tensor], 0-dim float32
 
   Streams copy() const {
     Streams out;
     for (const auto& t : params) out.params.push_back(twin(t));
     for (const auto& t : masters) out.masters.push_back(twin(t));
-    for (const auto& t : steps) out.steps.push_back(t.clone());
     for (const auto& slot : slots) {
       out.slots.emplace_back();
       for (const auto& t : slot) out.slots.back().push_back(twin(t));
+    }
+    for (const auto& states : scalar_states) {
+      out.scalar_states.emplace_back();
+      for (const auto& t : states) out.scalar_states.back().push_back(t.clone());
     }
     return out;
   }
@@ -167,9 +174,11 @@ void check_same_bits(const Streams& got, const Streams& expected, const std::str
   for (size_t t = 0; t < got.params.size(); ++t) {
     check(got.params[t], expected.params[t], concat("params[", t, "]"));
     if (!got.masters.empty()) check(got.masters[t], expected.masters[t], concat("masters[", t, "]"));
-    if (!got.steps.empty()) check(got.steps[t], expected.steps[t], concat("steps[", t, "]"));
     for (size_t k = 0; k < got.slots.size(); ++k) {
       check(got.slots[k][t], expected.slots[k][t], concat("slot ", k, " [", t, "]"));
+    }
+    for (size_t c = 0; c < got.scalar_states.size(); ++c) {
+      check(got.scalar_states[c][t], expected.scalar_states[c][t], concat("scalar state ", c, " [", t, "]"));
     }
   }
 }
@@ -195,6 +204,10 @@ struct CpuStepArgs {
 struct Variant {
   std::string name;
   int num_slots = 0;
+  // Each scalar state's value for tensor t before the first call: the step
+  // count (the first state where the optimizer counts steps) differs between
+  // tensors, as after add_param_group; other states start at `start`.
+  std::vector<std::function<double(size_t t)>> initial_scalar_states;
   bool counts_steps = false;
   bool plain_storage_only = false;  // the roofline: plain storages,
   bool takes_step_args = true;      // and none of CallOptions but `call`
@@ -202,92 +215,84 @@ struct Variant {
   std::function<void(const cuda::StepLaunch&, const CallOptions&)> emulated;
 };
 
-TL slot_or_none(const Streams& s, int k) { return k < int(s.slots.size()) ? TL(s.slots[k]) : TL(); }
+// A variant of an optimizer of the table: `hyper` selects it; `at_call`, if
+// given, adjusts it per call (SGD's first momentum step).  The CPU side calls
+// the list op boxed, its arguments built from the descriptor.
+template <class Optimizer>
+Variant optimizer_variant(typename Optimizer::Hyper hyper,
+                          std::vector<double> initial_states = {},
+                          void (*at_call)(typename Optimizer::Hyper&, int call) = nullptr) {
+  using Hyper = typename Optimizer::Hyper;
+  Variant v;
+  v.name = Optimizer::kName;
+  for (const auto& field : Optimizer::kFields) {
+    v.name += concat(" ", field.name, "=",
+                     field.number != nullptr ? hyper.*field.number : double(hyper.*field.flag));
+  }
+  const auto used = Optimizer::slots_used(hyper);
+  for (bool u : used) v.num_slots += int(u);
+  for (size_t c = 0; c < Optimizer::kScalarStates.size(); ++c) {
+    const bool step = std::string(Optimizer::kScalarStates[c]) == "state_steps";
+    const double start = c < initial_states.size() ? initial_states[c] : 1.0;
+    v.counts_steps = v.counts_steps || (c == 0 && step);
+    v.initial_scalar_states.push_back([=](size_t t) { return step ? double(t % 4) * 3.0 : start; });
+  }
+  auto hyper_at = [=](int call) {
+    Hyper h = hyper;
+    if (at_call != nullptr) at_call(h, call);
+    return h;
+  };
+  v.cpu = [=](const Streams& s, TL grads, const CallOptions& o, const CpuStepArgs& a) {
+    const Hyper h = hyper_at(o.call);
+    torch::jit::Stack stack{s.params, grads};
+    size_t next = 0;
+    for (bool u : used) stack.emplace_back(u ? s.slots[next++] : std::vector<at::Tensor>());
+    for (const auto& states : s.scalar_states) stack.emplace_back(states);
+    for (const auto& field : Optimizer::kFields) {
+      if (field.number != nullptr) {
+        stack.emplace_back(h.*field.number);
+      } else {
+        stack.emplace_back(h.*field.flag);
+      }
+    }
+    stack.emplace_back(o.maximize);
+    stack.emplace_back(a.lr_tensor);
+    stack.emplace_back(a.grad_scale);
+    stack.emplace_back(a.found_inf);
+    stack.emplace_back(a.masters ? c10::IValue(a.masters->vec()) : c10::IValue());
+    stack.emplace_back(a.rounding_seed);
+    c10::Dispatcher::singleton()
+        .findSchemaOrThrow((std::string("fastopt::") + Optimizer::kName + "_").c_str(), "")
+        .callBoxed(stack);
+  };
+  v.emulated = [=](const cuda::StepLaunch& launch, const CallOptions& o) {
+    cuda::launch_step<Optimizer>(launch, hyper_at(o.call));
+  };
+  return v;
+}
 
+// Every rule variant of every optimizer of the table, and the roofline.
 std::vector<Variant> variants() {
   std::vector<Variant> out;
   const double lr = 1e-2;
   for (bool decoupled : {false, true}) {
     for (bool amsgrad : {false, true}) {
-      Variant v;
-      v.name = concat("adam decoupled=", decoupled, " amsgrad=", amsgrad);
-      v.num_slots = amsgrad ? 3 : 2;
-      v.counts_steps = true;
-      const rules::AdamHyper h{lr, 0.9, 0.999, 1e-8, 0.1};
-      v.cpu = [=](const Streams& s, TL grads, const CallOptions& o, const CpuStepArgs& a) {
-        op<AdamOp>("fastopt::adam_")
-            .call(s.params, grads, s.slots[0], s.slots[1], slot_or_none(s, 2), s.steps, h.lr,
-                  h.beta1, h.beta2, h.eps, h.weight_decay, decoupled, amsgrad, o.maximize,
-                  a.lr_tensor, a.grad_scale, a.found_inf, a.masters, a.rounding_seed);
-      };
-      v.emulated = [=](const cuda::StepLaunch& launch, const CallOptions&) {
-        cuda::adam_step(launch, h, decoupled, amsgrad);
-      };
-      out.push_back(v);
+      out.push_back(optimizer_variant<rules::AdamOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1, decoupled, amsgrad}));
     }
   }
-  struct SgdVariant {
-    double momentum, dampening;
-    bool nesterov;
-  };
-  for (const SgdVariant& sv : {SgdVariant{0.0, 0.0, false}, SgdVariant{0.9, 0.1, false},
-                               SgdVariant{0.9, 0.0, true}}) {
-    Variant v;
-    v.name = concat("sgd momentum=", sv.momentum, " nesterov=", sv.nesterov);
-    v.num_slots = sv.momentum != 0 ? 1 : 0;
-    // The first call starts the momentum buffers (torch.optim copies the grad).
-    auto hyper = [=](int call) {
-      return rules::SgdHyper{0.05, sv.momentum, sv.dampening, 0.01, call == 0};
-    };
-    v.cpu = [=](const Streams& s, TL grads, const CallOptions& o, const CpuStepArgs& a) {
-      const rules::SgdHyper h = hyper(o.call);
-      op<SgdOp>("fastopt::sgd_")
-          .call(s.params, grads, slot_or_none(s, 0), h.lr, h.momentum, h.dampening, h.weight_decay,
-                sv.nesterov, o.maximize, h.first_momentum_step, a.lr_tensor, a.grad_scale,
-                a.found_inf, a.masters, a.rounding_seed);
-    };
-    v.emulated = [=](const cuda::StepLaunch& launch, const CallOptions& o) {
-      cuda::sgd_step(launch, hyper(o.call), sv.momentum != 0, sv.nesterov);
-    };
-    out.push_back(v);
+  // The first call starts the momentum buffers (torch.optim copies the grad).
+  auto first_call_starts_buffers = [](rules::SgdHyper& h, int call) { h.first_momentum_step = call == 0; };
+  for (const auto& [momentum, dampening, nesterov] :
+       {std::tuple{0.0, 0.0, false}, std::tuple{0.9, 0.1, false}, std::tuple{0.9, 0.0, true}}) {
+    out.push_back(optimizer_variant<rules::SgdOptimizer>(
+        {0.05, momentum, dampening, 0.01, nesterov, false}, {}, first_call_starts_buffers));
   }
   for (bool centered : {false, true}) {
     for (double momentum : {0.0, 0.9}) {
-      Variant v;
-      v.name = concat("rmsprop centered=", centered, " momentum=", momentum);
-      v.num_slots = 1 + int(centered) + int(momentum > 0);
-      v.counts_steps = true;
-      const rules::RmspropHyper h{lr, 0.99, 1e-8, 0.1, momentum};
-      v.cpu = [=](const Streams& s, TL grads, const CallOptions& o, const CpuStepArgs& a) {
-        const TL grad_avgs = centered ? TL(s.slots[1]) : TL();
-        const TL momentum_buffers = momentum > 0 ? TL(s.slots.back()) : TL();
-        op<RmspropOp>("fastopt::rmsprop_")
-            .call(s.params, grads, s.slots[0], grad_avgs, momentum_buffers, s.steps, h.lr, h.alpha,
-                  h.eps, h.weight_decay, h.momentum, centered, o.maximize, a.lr_tensor,
-                  a.grad_scale, a.found_inf, a.masters, a.rounding_seed);
-      };
-      v.emulated = [=](const cuda::StepLaunch& launch, const CallOptions&) {
-        cuda::rmsprop_step(launch, h, centered, momentum > 0);
-      };
-      out.push_back(v);
+      out.push_back(optimizer_variant<rules::RmspropOptimizer>({lr, 0.99, 1e-8, 0.1, momentum, centered}));
     }
   }
-  {
-    Variant v;
-    v.name = "adagrad";
-    v.num_slots = 1;
-    v.counts_steps = true;
-    const rules::AdagradHyper h{0.1, 0.01, 0.1, 1e-10};
-    v.cpu = [=](const Streams& s, TL grads, const CallOptions& o, const CpuStepArgs& a) {
-      op<AdagradOp>("fastopt::adagrad_")
-          .call(s.params, grads, s.slots[0], s.steps, h.lr, h.lr_decay, h.weight_decay, h.eps,
-                o.maximize, a.lr_tensor, a.grad_scale, a.found_inf, a.masters, a.rounding_seed);
-    };
-    v.emulated = [=](const cuda::StepLaunch& launch, const CallOptions&) {
-      cuda::adagrad_step(launch, h);
-    };
-    out.push_back(v);
-  }
+  out.push_back(optimizer_variant<rules::AdagradOptimizer>({0.1, 0.01, 0.1, 1e-10}));
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
@@ -322,7 +327,9 @@ struct EmulatedCall {
       p.grad = grads[t].const_data_ptr();
       for (size_t k = 0; k < s.slots.size(); ++k) p.slot[k] = s.slots[k][t].data_ptr();
       p.master = s.masters.empty() ? nullptr : s.masters[t].data_ptr<float>();
-      p.step = s.steps.empty() ? nullptr : s.steps[t].data_ptr<float>();
+      for (size_t c = 0; c < s.scalar_states.size(); ++c) {
+        p.scalar_state[c] = s.scalar_states[c][t].data_ptr<float>();
+      }
       p.numel = s.params[t].numel();
       pointers.push_back(p);
     }
@@ -366,6 +373,7 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
   };
   Streams cpu;
   cpu.slots.resize(v.num_slots);
+  cpu.scalar_states.resize(v.initial_scalar_states.size());
   for (size_t t = 0; t < specs.size(); ++t) {
     const TensorSpec& spec = specs[t];
     const bool all = spec.misaligned == Misaligned::kAll;
@@ -381,11 +389,11 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
       const bool misaligned = all || (spec.misaligned == Misaligned::kLastSlot && k == v.num_slots - 1);
       cpu.slots[k].push_back(allocate(spec.numel, misaligned, storage.state).zero_());
     }
-    // Steps differ between tensors, as after add_param_group.
-    if (v.counts_steps) cpu.steps.push_back(at::full({}, double(t % 4) * 3.0, at::kFloat));
+    for (size_t c = 0; c < v.initial_scalar_states.size(); ++c) {
+      cpu.scalar_states[c].push_back(at::full({}, v.initial_scalar_states[c](t), at::kFloat));
+    }
   }
   Streams emulated = cpu.copy();
-  const std::vector<at::Tensor> initial_steps = cpu.copy().steps;
 
   int applied = 0;
   const long failures_before = counters().failed;
@@ -429,18 +437,19 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
     } else {
       ++applied;
     }
-    // One update launch per group of tensors, and one step-count launch
-    // before it (launched, and skipped on the device, under found_inf too).
+    // One update launch per group of tensors, and one scalar-state launch
+    // after it (launched, and skipped on the device, under found_inf too).
     const int64_t per_launch = cuda::max_tensors_per_launch();
     const int64_t groups = (int64_t(specs.size()) + per_launch - 1) / per_launch;
     const int64_t launches = emulation::launch_count - launches_before;
-    FASTOPT_CHECK(launches == groups * (v.counts_steps ? 2 : 1), call_what, ": ", launches,
-                  " launches for ", specs.size(), " tensors (", per_launch, " per launch)");
+    const int64_t per_group = v.initial_scalar_states.empty() ? 1 : 2;
+    FASTOPT_CHECK(launches == groups * per_group, call_what, ": ", launches, " launches for ",
+                  specs.size(), " tensors (", per_launch, " per launch)");
   }
-  for (size_t t = 0; t < emulated.steps.size(); ++t) {
-    const double expected = initial_steps[t].item<double>() + applied;
-    FASTOPT_CHECK(emulated.steps[t].item<double>() == expected, what, ": steps[", t, "] = ",
-                  emulated.steps[t].item<double>(), ", expected ", expected);
+  for (size_t t = 0; v.counts_steps && t < specs.size(); ++t) {
+    const double expected = v.initial_scalar_states[0](t) + applied;
+    const double got = emulated.scalar_states[0][t].item<double>();
+    FASTOPT_CHECK(got == expected, what, ": steps[", t, "] = ", got, ", expected ", expected);
   }
   if (counters().failed != failures_before) std::fprintf(stderr, "  (in %s)\n", what.c_str());
 }

@@ -82,7 +82,7 @@ void check_close(T got, const Tracked& ref, const Context& context) {
 template <WeightDecay kWd, bool kAmsgrad>
 struct AdamCase {
   using Rule = rules::Adam<kWd, kAmsgrad>;
-  static_assert(Rule::kNumSlots == (kAmsgrad ? 3 : 2) && Rule::kCountsSteps);
+  static_assert(Rule::kNumSlots == (kAmsgrad ? 3 : 2) && Rule::kNumScalarStates == 1);
   static_assert(Rule::kExpAvg == 0 && Rule::kExpAvgSq == 1 && (!kAmsgrad || Rule::kMaxExpAvgSq == 2));
   static std::string name() {
     return concat("Adam<", kWd == WeightDecay::kL2 ? "kL2" : "kDecoupled", ", amsgrad=", kAmsgrad, ">");
@@ -104,7 +104,7 @@ struct AdamCase {
 template <bool kMomentum, bool kNesterov>
 struct SgdCase {
   using Rule = rules::Sgd<kMomentum, kNesterov>;
-  static_assert(Rule::kNumSlots == (kMomentum ? 1 : 0) && !Rule::kCountsSteps);
+  static_assert(Rule::kNumSlots == (kMomentum ? 1 : 0) && Rule::kNumScalarStates == 0);
   static std::string name() { return concat("Sgd<momentum=", kMomentum, ", nesterov=", kNesterov, ">"); }
   static rules::SgdHyper hyper(Rng& rng, bool wd) { return random_sgd_hyper(rng, wd); }
   // A fresh optimizer's first step starts the buffer (first_momentum_step);
@@ -125,7 +125,7 @@ struct SgdCase {
 template <bool kCentered, bool kMomentum>
 struct RmspropCase {
   using Rule = rules::Rmsprop<kCentered, kMomentum>;
-  static_assert(Rule::kNumSlots == 1 + kCentered + kMomentum && Rule::kCountsSteps);
+  static_assert(Rule::kNumSlots == 1 + kCentered + kMomentum && Rule::kNumScalarStates == 1);
   static_assert(Rule::kSquareAvg == 0 && (!kCentered || Rule::kGradAvg == 1) &&
                 (!kMomentum || Rule::kMomentumBuffer == (kCentered ? 2 : 1)));
   static std::string name() { return concat("Rmsprop<centered=", kCentered, ", momentum=", kMomentum, ">"); }
@@ -145,7 +145,7 @@ struct RmspropCase {
 
 struct AdagradCase {
   using Rule = rules::Adagrad;
-  static_assert(Rule::kNumSlots == 1 && Rule::kCountsSteps);
+  static_assert(Rule::kNumSlots == 1 && Rule::kNumScalarStates == 1);
   static std::string name() { return "Adagrad"; }
   static rules::AdagradHyper hyper(Rng& rng, bool wd) { return random_adagrad_hyper(rng, wd); }
   static rules::AdagradHyper at_step(rules::AdagradHyper h, int, bool) { return h; }
@@ -160,7 +160,7 @@ struct AdagradCase {
 template <int kSlots>
 struct RooflineCase {
   using Rule = rules::Roofline<kSlots>;
-  static_assert(Rule::kNumSlots == kSlots && !Rule::kCountsSteps);
+  static_assert(Rule::kNumSlots == kSlots && Rule::kNumScalarStates == 0);
   static std::string name() { return concat("Roofline<", kSlots, ">"); }
   // The roofline has no hyperparameters, so weight decay does not apply.
   static rules::RooflineHyper hyper(Rng&, bool) { return {}; }
@@ -213,7 +213,9 @@ void run_trajectory(uint64_t seed, double start_step, bool weight_decay) {
   for (int i = 0; i < kSteps; ++i) {
     const double t = start_step + i + 1;
     const auto h = Case::at_step(hyper, i, fresh);
-    const auto scalars = Rule::template scalars<T>(h, t);
+    // The step count before and after this step (the only scalar state of these rules).
+    const double steps_before[1] = {t - 1}, steps_after[1] = {t};
+    const auto scalars = Rule::template scalars<T>(h, steps_before, steps_after);
     for (int e = 0; e < kElements; ++e) {
       const double g = rng.signed_value(grad_scale);
       Rule::template update<T>(param[e], T(g), slot[e].data(), scalars);
@@ -258,7 +260,8 @@ template <typename T>
 void test_amsgrad_propagates_nan() {
   using Rule = rules::Adam<WeightDecay::kL2, true>;
   const rules::AdamHyper h{1e-3, 0.9, 0.999, 1e-8, 0.0};
-  const auto s = Rule::scalars<T>(h, 3);
+  const double steps_before[1] = {2}, steps_after[1] = {3};
+  const auto s = Rule::scalars<T>(h, steps_before, steps_after);
   T param = T(1);
   T slot[3] = {T(0.1), T(0.01), T(0.5)};
   Rule::update<T>(param, std::numeric_limits<T>::quiet_NaN(), slot, s);

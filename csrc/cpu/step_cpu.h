@@ -1,0 +1,217 @@
+// The CPU driver's step of every optimizer: validate, lay out the streams
+// for the element loop (multi_tensor_apply.h), advance the per-tensor
+// scalar states (step counts, ...), derive per-tensor scalars and run one
+// rule.  Included by the generated translation unit of each optimizer
+// (Note [The optimizer table]), which instantiates cpu::step for it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <array>
+#include <utility>
+#include <vector>
+
+#include "../optimizer_table.h"
+#include "../step_ops.h"
+#include "../validate.h"
+#include "multi_tensor_apply.h"
+
+namespace fastopt::cpu {
+
+// Tensors the driver cannot walk linearly are updated through contiguous
+// copies that are written back after the kernel.
+struct WriteBack {
+  at::Tensor original, staged;
+};
+
+// A per-tensor scalar state (a one-element float32 or float64 CPU tensor).
+inline double read_scalar_state(const at::Tensor& state) {
+  if (state.scalar_type() == at::kDouble) return *state.const_data_ptr<double>();
+  return *state.const_data_ptr<float>();
+}
+
+inline void write_scalar_state(const at::Tensor& state, double value) {
+  if (state.scalar_type() == at::kDouble) {
+    *state.data_ptr<double>() = value;
+  } else {
+    *state.data_ptr<float>() = float(value);
+  }
+}
+
+// Calls fn(Storage<...>{}) for the storage of a call (Note [Storage of a
+// step]), which check_storage has accepted.  kStorageOptions = false
+// instantiates the plain storages only (the roofline).
+template <bool kStorageOptions, class Fn>
+void with_storage(at::ScalarType param, at::ScalarType state, bool master, bool stochastic,
+                  Fn&& fn) {
+  using BF16 = c10::BFloat16;
+  using F16 = c10::Half;
+  if (!master && !stochastic && state == param) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param, "fastopt_cpu_step",
+                                    [&] { fn(Storage<scalar_t, scalar_t, false, false>{}); });
+    return;
+  }
+  TORCH_CHECK(kStorageOptions, "fastopt: this op takes state of the params' dtype only, got ", state,
+              " state for ", param, " params", master ? " with master_params" : "",
+              stochastic ? " with rounding_seed" : "");
+  if constexpr (kStorageOptions) {
+    const bool float_state = state == at::kFloat;
+    if (master) {
+      if (param == at::kBFloat16) {
+        float_state ? fn(Storage<BF16, float, true, false>{}) : fn(Storage<BF16, BF16, true, false>{});
+      } else {
+        float_state ? fn(Storage<F16, float, true, false>{}) : fn(Storage<F16, BF16, true, false>{});
+      }
+    } else if (stochastic) {
+      float_state ? fn(Storage<BF16, float, false, true>{}) : fn(Storage<BF16, BF16, false, true>{});
+    } else if (float_state) {  // params of another dtype
+      switch (param) {
+        case at::kDouble: fn(Storage<double, float, false, false>{}); break;
+        case at::kHalf: fn(Storage<F16, float, false, false>{}); break;
+        default: fn(Storage<BF16, float, false, false>{}); break;
+      }
+    } else {  // bfloat16 state, params of another dtype
+      switch (param) {
+        case at::kDouble: fn(Storage<double, BF16, false, false>{}); break;
+        case at::kHalf: fn(Storage<F16, BF16, false, false>{}); break;
+        default: fn(Storage<float, BF16, false, false>{}); break;
+      }
+    }
+  }
+}
+
+// One step of Rule over the call's tensors (Note [CPU driver layout]).
+template <class Rule, bool kStorageOptions = true>
+void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyper, bool maximize,
+                const StepArgs& step_args) {
+  constexpr int kSlots = Rule::kNumSlots;
+  constexpr int kStates = Rule::kNumScalarStates;
+  const at::TensorList params = lists.params;
+  const at::TensorList grads = lists.grads;
+  const std::vector<NamedTensorList>& slots = lists.slots;
+  const std::vector<NamedTensorList>& scalar_states = lists.scalar_states;
+  TORCH_CHECK(slots.size() == size_t(kSlots) && scalar_states.size() == size_t(kStates), op,
+              ": internal error, expected ", kSlots, " slot and ", kStates, " scalar-state lists");
+  const at::TensorList masters = step_args.master_params;
+  check_list_lengths(op, params, grads, slots, scalar_states, masters);
+  check_step_args(op, step_args);
+  const size_t n = params.size();
+  if (n == 0) return;
+  // params[0] and its first slot pick the storage to dispatch on: check them
+  // before dispatching.
+  const at::ScalarType state_dtype = state_dtype_of(params, slots, !masters.empty());
+  check_tensors_at(op, 0, params, grads, slots, scalar_states, c10::kCPU, state_dtype, masters);
+  const bool stochastic = step_args.rounding_seed.has_value();
+  check_storage(op, params[0].scalar_type(), state_dtype, !masters.empty(), stochastic);
+
+  with_storage<kStorageOptions>(params[0].scalar_type(), state_dtype, !masters.empty(), stochastic,
+                                [&](auto storage) {
+    using Store = decltype(storage);
+    using param_t = typename Store::param_type;
+    using state_t = typename Store::state_type;
+    using opmath_t = typename Store::opmath_t;
+    Task<Rule, Store> task;
+    task.maximize = maximize;
+    if (step_args.grad_scale) task.grad_scale = step_args.grad_scale->item<opmath_t>();
+    if (step_args.lr_tensor) hyper.lr = step_args.lr_tensor->item<double>();
+    // The seed's low 32 bits feed the hash (Note [Stochastic rounding]).
+    if (stochastic) task.rounding_seed = uint32_t(*step_args.rounding_seed);
+    task.tensors.resize(n);
+    task.offsets.resize(n + 1);
+    task.offsets[0] = 0;
+
+    // Check every tensor and lay out the streams, in parallel over params.
+    // The tensors of one param are walked in place when they share the
+    // param's strides and the param is dense; the others are staged below.
+    std::vector<char> staged_param(n, 0);
+    at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        check_tensors_at(op, i, params, grads, slots, scalar_states, c10::kCPU, state_dtype, masters);
+        const at::Tensor& p = params[i];
+        bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
+        for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
+        if (Store::kMaster) direct = direct && masters[i].strides() == p.strides();
+        auto& t = task.tensors[i];
+        t.numel = p.numel();
+        t.index = uint32_t(i);
+        if (!direct) {
+          staged_param[i] = 1;
+          continue;
+        }
+        t.param = static_cast<param_t*>(p.data_ptr());
+        t.grad = static_cast<const param_t*>(grads[i].const_data_ptr());
+        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<state_t*>(slots[k].tensors[i].data_ptr());
+        t.master = Store::kMaster ? static_cast<float*>(masters[i].data_ptr()) : nullptr;
+      }
+    });
+
+    // The rest go through contiguous copies, written back after the kernel.
+    std::vector<at::Tensor> staged;  // keeps the copies alive through the kernel
+    std::vector<WriteBack> write_backs;
+    auto staged_ptr = [&](const at::Tensor& t, bool written) -> void* {
+      at::Tensor copy = t.contiguous();
+      if (written && !copy.is_same(t)) write_backs.push_back({t, copy});
+      staged.push_back(copy);
+      return copy.data_ptr();
+    };
+    for (size_t i = 0; i < n; ++i) {
+      if (staged_param[i]) {
+        auto& t = task.tensors[i];
+        t.param = static_cast<param_t*>(staged_ptr(params[i], true));
+        t.grad = static_cast<const param_t*>(staged_ptr(grads[i], false));
+        for (int k = 0; k < kSlots; ++k) {
+          t.slot[k] = static_cast<state_t*>(staged_ptr(slots[k].tensors[i], true));
+        }
+        t.master = Store::kMaster ? static_cast<float*>(staged_ptr(masters[i], true)) : nullptr;
+      }
+      task.offsets[i + 1] = task.offsets[i] + task.tensors[i].numel;
+    }
+
+    // Nothing has been written so far; from here on the step happens,
+    // unless AMP found an inf or NaN in the grads.
+    if (step_args.found_inf && step_args.found_inf->item<double>() != 0) return;
+    // Each tensor's scalar states before and after this step (step counts, ...).
+    using States = std::array<double, kStates>;
+    std::vector<States> before(n), after(n);
+    if constexpr (kStates > 0) {
+      at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          for (int c = 0; c < kStates; ++c) before[i][c] = read_scalar_state(scalar_states[c].tensors[i]);
+          Rule::advance(hyper, before[i].data(), after[i].data());
+          for (int c = 0; c < kStates; ++c) write_scalar_state(scalar_states[c].tensors[i], after[i][c]);
+        }
+      });
+    }
+    // Tensors of one group almost always share their scalar states, so the
+    // scalars are derived once per distinct run of them.
+    for (size_t i = 0; i < n; ++i) {
+      if (i == 0 || before[i] != before[i - 1] || after[i] != after[i - 1]) {
+        task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, before[i].data(), after[i].data()));
+      }
+      task.tensors[i].scalars_index = int64_t(task.scalars.size()) - 1;
+    }
+    run(task);
+    for (auto& wb : write_backs) wb.original.copy_(wb.staged);
+  });
+}
+
+template <class Optimizer>
+void step(const char* op, const StepLists& lists, const typename Optimizer::Hyper& hyper,
+          bool maximize, const StepArgs& step_args) {
+  Optimizer::with_rule(hyper, [&](auto rule) {
+    apply_rule<decltype(rule)>(op, lists, hyper, maximize, step_args);
+  });
+}
+
+}  // namespace fastopt::cpu
+
+// The explicit instantiation of cpu::step for one row of the optimizer table
+// (the generated translation unit of that optimizer), and its declaration
+// everywhere else, so that only that unit compiles the optimizer's kernels.
+#define FASTOPT_CPU_STEP_SIGNATURE(Descriptor)                                                  \
+  void fastopt::cpu::step<fastopt::rules::Descriptor>(                                          \
+      const char*, const fastopt::StepLists&, const fastopt::rules::Descriptor::Hyper&, bool,   \
+      const fastopt::StepArgs&)
+#define FASTOPT_INSTANTIATE_CPU_STEP(name, Descriptor) template FASTOPT_CPU_STEP_SIGNATURE(Descriptor);
+#define FASTOPT_EXTERN_CPU_STEP(name, Descriptor) extern template FASTOPT_CPU_STEP_SIGNATURE(Descriptor);
