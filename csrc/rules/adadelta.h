@@ -17,14 +17,6 @@
 
 namespace fastopt::rules {
 
-// TEMPORARY: the lead adds Field to common.h (issue 11); drop this copy when it lands.
-#ifndef FASTOPT_TEMPORARY_FIELD
-#define FASTOPT_TEMPORARY_FIELD
-template <class Hyper> struct Field { const char* name; double Hyper::*number = nullptr; bool Hyper::*flag = nullptr;
-  constexpr Field(const char* n, double Hyper::*m) : name(n), number(m) {}
-  constexpr Field(const char* n, bool Hyper::*m) : name(n), flag(m) {} };
-#endif
-
 struct AdadeltaHyper {
   double lr, rho, eps, weight_decay;
 };
@@ -36,15 +28,14 @@ struct AdadeltaScalars {
 
 struct Adadelta {
   enum Slot { kSquareAvg, kAccDelta };
-  enum ScalarState { kStep };
   static constexpr int kNumSlots = 2;
-  static constexpr int kNumScalarStates = 1;
+  static constexpr int kNumScalarStates = 1;  // step
   using Hyper = AdadeltaHyper;
   template <typename T>
   using Scalars = AdadeltaScalars<T>;
 
   FASTOPT_HOST_DEVICE static void advance(const Hyper&, const double* before, double* after) {
-    after[kStep] = before[kStep] + 1.0;
+    count_step(before, after);
   }
 
   template <typename T>

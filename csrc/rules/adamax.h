@@ -14,14 +14,6 @@
 
 namespace fastopt::rules {
 
-// TEMPORARY: the lead adds Field to common.h (issue 11); drop this copy when it lands.
-#ifndef FASTOPT_TEMPORARY_FIELD
-#define FASTOPT_TEMPORARY_FIELD
-template <class Hyper> struct Field { const char* name; double Hyper::*number = nullptr; bool Hyper::*flag = nullptr;
-  constexpr Field(const char* n, double Hyper::*m) : name(n), number(m) {}
-  constexpr Field(const char* n, bool Hyper::*m) : name(n), flag(m) {} };
-#endif
-
 struct AdamaxHyper {
   double lr, beta1, beta2, eps, weight_decay;
 };
@@ -34,20 +26,19 @@ struct AdamaxScalars {
 
 struct Adamax {
   enum Slot { kExpAvg, kExpInf };
-  enum ScalarState { kStep };
   static constexpr int kNumSlots = 2;
-  static constexpr int kNumScalarStates = 1;
+  static constexpr int kNumScalarStates = 1;  // step
   using Hyper = AdamaxHyper;
   template <typename T>
   using Scalars = AdamaxScalars<T>;
 
   FASTOPT_HOST_DEVICE static void advance(const Hyper&, const double* before, double* after) {
-    after[kStep] = before[kStep] + 1.0;
+    count_step(before, after);
   }
 
   template <typename T>
   FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper& h, const double* /*before*/, const double* after) {
-    const double bias_correction = 1.0 - std::pow(h.beta1, after[kStep]);
+    const double bias_correction = 1.0 - std::pow(h.beta1, after[0]);
     return {T(1.0 - h.beta1), T(h.beta2), T(h.eps), T(h.weight_decay), T(-(h.lr / bias_correction))};
   }
 

@@ -21,14 +21,6 @@
 
 namespace fastopt::rules {
 
-// TEMPORARY: the lead adds Field to common.h (issue 11); drop this copy when it lands.
-#ifndef FASTOPT_TEMPORARY_FIELD
-#define FASTOPT_TEMPORARY_FIELD
-template <class Hyper> struct Field { const char* name; double Hyper::*number = nullptr; bool Hyper::*flag = nullptr;
-  constexpr Field(const char* n, double Hyper::*m) : name(n), number(m) {}
-  constexpr Field(const char* n, bool Hyper::*m) : name(n), flag(m) {} };
-#endif
-
 struct NadamHyper {
   double lr, beta1, beta2, eps, weight_decay, momentum_decay;
   bool decoupled_weight_decay;
@@ -62,13 +54,14 @@ struct Nadam {
   using Scalars = NadamScalars<T>;
 
   FASTOPT_HOST_DEVICE static void advance(const Hyper& h, const double* before, double* after) {
-    const double step = before[kStep] + 1.0;
-    after[kStep] = step;
+    count_step(before, after);
     // torch.optim keeps mu_product in a float32 tensor and multiplies it in
     // place by the Python float mu_t, which the float32 kernel rounds to float32
-    // first: so the product is of two floats, rounded to float once.
+    // first: the product of two floats, rounded to float once.  (Under a float64
+    // default dtype torch.optim keeps a float64 mu_product and multiplies in
+    // double; fastopt rounds as for float32 there too.)
     after[kMuProduct] =
-        static_cast<double>(static_cast<float>(before[kMuProduct]) * static_cast<float>(nadam_mu(h, step)));
+        static_cast<double>(static_cast<float>(before[kMuProduct]) * static_cast<float>(nadam_mu(h, after[kStep])));
   }
 
   template <typename T>
@@ -76,8 +69,8 @@ struct Nadam {
     const double step = after[kStep];
     const double mu = nadam_mu(h, step);
     const double mu_next = nadam_mu(h, step + 1.0);
-    // torch.optim uses the mu_product as stored (float32), and mu_product_{t+1}
-    // unrounded, in double.
+    // torch.optim uses the mu_product as stored (advance already rounded it),
+    // and mu_product_{t+1} unrounded, in double.
     const double mu_product = after[kMuProduct];
     const double mu_product_next = mu_product * mu_next;
     Scalars<T> s;

@@ -20,14 +20,6 @@
 
 namespace fastopt::rules {
 
-// TEMPORARY: the lead adds Field to common.h (issue 11); drop this copy when it lands.
-#ifndef FASTOPT_TEMPORARY_FIELD
-#define FASTOPT_TEMPORARY_FIELD
-template <class Hyper> struct Field { const char* name; double Hyper::*number = nullptr; bool Hyper::*flag = nullptr;
-  constexpr Field(const char* n, double Hyper::*m) : name(n), number(m) {}
-  constexpr Field(const char* n, bool Hyper::*m) : name(n), flag(m) {} };
-#endif
-
 struct RadamHyper {
   double lr, beta1, beta2, eps, weight_decay;
   bool decoupled_weight_decay;
@@ -52,20 +44,19 @@ constexpr double kRadamRectificationThreshold = 5.0;
 template <WeightDecay kWeightDecay>
 struct Radam {
   enum Slot { kExpAvg, kExpAvgSq };
-  enum ScalarState { kStep };
   static constexpr int kNumSlots = 2;
-  static constexpr int kNumScalarStates = 1;
+  static constexpr int kNumScalarStates = 1;  // step
   using Hyper = RadamHyper;
   template <typename T>
   using Scalars = RadamScalars<T>;
 
   FASTOPT_HOST_DEVICE static void advance(const Hyper&, const double* before, double* after) {
-    after[kStep] = before[kStep] + 1.0;
+    count_step(before, after);
   }
 
   template <typename T>
   FASTOPT_HOST_DEVICE static Scalars<T> scalars(const Hyper& h, const double* /*before*/, const double* after) {
-    const double step = after[kStep];
+    const double step = after[0];
     const double bias_correction1 = 1.0 - std::pow(h.beta1, step);
     const double bias_correction2 = 1.0 - std::pow(h.beta2, step);
     const double rho_inf = 2.0 / (1.0 - h.beta2) - 1.0;
