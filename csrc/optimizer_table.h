@@ -20,8 +20,12 @@
 // other places an optimizer lives (README, "Adding an optimizer").
 #pragma once
 
+#include "rules/adadelta.h"
 #include "rules/adagrad.h"
 #include "rules/adam.h"
+#include "rules/adamax.h"
+#include "rules/nadam.h"
+#include "rules/radam.h"
 #include "rules/rmsprop.h"
 #include "rules/sgd.h"
 
@@ -29,7 +33,11 @@
   X(adam, AdamOptimizer)      \
   X(sgd, SgdOptimizer)        \
   X(rmsprop, RmspropOptimizer) \
-  X(adagrad, AdagradOptimizer)
+  X(adagrad, AdagradOptimizer) \
+  X(nadam, NadamOptimizer)     \
+  X(radam, RadamOptimizer)     \
+  X(adamax, AdamaxOptimizer)   \
+  X(adadelta, AdadeltaOptimizer)
 
 namespace fastopt {
 
