@@ -470,8 +470,8 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, mu_products, *, lr
         g = _adam_moments(p, st.grad(grads[i], maximize), exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
                           weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay)
         denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
-        p.add_(g / denom, alpha=grad_coefficient)
-        p.add_(exp_avg / denom, alpha=exp_avg_coefficient)
+        p.addcdiv_(g, denom, value=grad_coefficient)
+        p.addcdiv_(exp_avg, denom, value=exp_avg_coefficient)
         st.store_param(i, param, p)
         _store(exp_avgs[i], exp_avg)
         _store(exp_avg_sqs[i], exp_avg_sq)
@@ -541,7 +541,7 @@ def adamax_(params, grads, exp_avgs, exp_infs, state_steps, *, lr, beta1, beta2,
             g = g + weight_decay * p
         exp_avg.add_(g - exp_avg, alpha=1 - beta1)
         torch.maximum(exp_inf.mul_(beta2), g.abs().add_(eps), out=exp_inf)
-        p.add_(exp_avg / exp_inf, alpha=-(lr / (1 - beta1**step)))
+        p.addcdiv_(exp_avg, exp_inf, value=-(lr / (1 - beta1**step)))
         st.store_param(i, param, p)
         _store(exp_avgs[i], exp_avg)
         _store(exp_infs[i], exp_inf)

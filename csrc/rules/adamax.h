@@ -52,7 +52,8 @@ struct Adamax {
     const T grad_bound = std::abs(grad) + s.eps;
     // A NaN on either side wins, as in torch.maximum.
     exp_inf = (decayed > grad_bound || std::isnan(decayed)) ? decayed : grad_bound;
-    param = param + s.neg_clr * (exp_avg / exp_inf);
+    // (value * m) / u, the order of torch.optim's addcdiv_.
+    param = param + s.neg_clr * exp_avg / exp_inf;
   }
 };
 

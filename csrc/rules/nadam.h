@@ -89,9 +89,10 @@ struct Nadam {
     T& exp_avg_sq = slot[kExpAvgSq];
     update_moments(exp_avg, exp_avg_sq, grad, s.moments);
     const T denom = std::sqrt(exp_avg_sq / s.bias_correction2) + s.eps;
-    // Two roundings of the param, as torch.optim's two addcdiv_.
-    param = param + s.grad_coefficient * (grad / denom);
-    param = param + s.exp_avg_coefficient * (exp_avg / denom);
+    // Two roundings of the param, as torch.optim's two addcdiv_, each
+    // (value * t1) / t2 in that order.
+    param = param + s.grad_coefficient * grad / denom;
+    param = param + s.exp_avg_coefficient * exp_avg / denom;
   }
 };
 
