@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 import fastopt
-from registry import OPTIMIZER_IDS, OPTIMIZERS
+from registry import OPTIMIZER_IDS, OPTIMIZERS, SCALAR_STATE_KEYS
 
 BACKENDS = ("fused", "reference")
-NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad")
+NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta")
 # One configuration per optimizer that keeps every state slot it can have.
 STATEFUL = {
     "Adam": dict(lr=0.05, amsgrad=True, weight_decay=0.0731),
@@ -37,9 +37,15 @@ STATEFUL = {
     "SGD": dict(lr=0.05, momentum=0.9),
     "RMSprop": dict(lr=0.01, centered=True, momentum=0.5),
     "Adagrad": dict(lr=0.1, lr_decay=0.01),
+    "NAdam": dict(lr=0.05, weight_decay=0.0731, momentum_decay=0.0123),
+    "RAdam": dict(lr=0.05, weight_decay=0.0731),
+    "Adamax": dict(lr=0.05, weight_decay=0.0731),
+    "Adadelta": dict(lr=1.0, eps=1e-3, weight_decay=0.0731),
 }
 SLOTS = {"Adam": "exp_avg", "AdamW": "exp_avg_sq", "SGD": "momentum_buffer", "RMSprop": "grad_avg",
-         "Adagrad": "sum"}
+         "Adagrad": "sum", "NAdam": "exp_avg_sq", "RAdam": "exp_avg", "Adamax": "exp_inf", "Adadelta": "acc_delta"}
+# The optimizers that count steps (all but SGD).
+COUNTING = tuple(name for name in NAMES if "step" in getattr(fastopt, name)._scalar_states)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
@@ -149,6 +155,8 @@ BAD_VALUES = {
     "alpha": [-0.5, math.nan],
     "lr_decay": [-0.1, math.nan],
     "initial_accumulator_value": [-0.1, math.nan],
+    "momentum_decay": [-0.1, math.nan],
+    "rho": [-0.1, 1.5, math.nan],
 }
 HYPERPARAMETERS = [
     pytest.param(name, arg, value, id=f"{name}-{arg}={value!r}".replace(" ", ""))
@@ -251,16 +259,17 @@ def _grad_device(opt, params, name):
     params[4].grad = grad
 
 
-def _state(edit):
+def _state(edit, key=None):
+    """Breaks state ``key`` (default: the optimizer's slot in SLOTS)."""
     def breaks(opt, params, name):
         state = opt.state[params[4]]
-        key = "step" if edit == "step" else SLOTS[name]
-        state[key] = {
+        broken = key or SLOTS[name]
+        state[broken] = {
             "shape": lambda t: torch.zeros(9),
             "dtype": lambda t: t.double(),
             "device": lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
-            "step": lambda t: torch.tensor(2),
-        }[edit](state[key])
+            "int": lambda t: torch.tensor(2),
+        }[edit](state[broken])
         opt.invalidate_plans()
     return breaks
 
@@ -279,13 +288,15 @@ BAD_STEPS = [
     BadStep("state-shape", _state("shape"), r"state\['\w+'\] has shape \[9\] but the param has shape \[2, 2\]"),
     BadStep("state-dtype", _state("dtype"), r"state\['\w+'\] has dtype torch.float64 but the param"),
     BadStep("state-device", _state("device"), r"state\['\w+'\] is on meta but the param is on cpu"),
-    BadStep("step-int", _state("step"), r"state\['step'\] must be a one-element float32 or float64 tensor",
-            names=("Adam", "AdamW", "RMSprop", "Adagrad")),
+    BadStep("step-int", _state("int", "step"), r"state\['step'\] must be a one-element float32 or float64 tensor",
+            names=COUNTING),
+    BadStep("mu_product-int", _state("int", "mu_product"),
+            r"state\['mu_product'\] must be a one-element float32 or float64 tensor", names=("NAdam",)),
     BadStep("sparse-grad-unsupported", _sparse_grad, "Adam does not support sparse gradients, please "
             r"consider SparseAdam instead \(got a sparse grad for param_groups\[1\]\['params'\]\[1\]\)",
             names=("Adam", "AdamW")),
-    BadStep("sparse-grad-unsupported", _sparse_grad, "RMSprop does not support sparse gradients",
-            names=("RMSprop",)),
+    *[BadStep("sparse-grad-unsupported", _sparse_grad, f"{name} does not support sparse gradients", names=(name,))
+      for name in ("RMSprop", "NAdam", "RAdam", "Adamax", "Adadelta")],
 ]
 BAD_STEP_CASES = [pytest.param(case, name, id=f"{case.id}-{name}") for case in BAD_STEPS for name in case.names]
 
@@ -545,7 +556,9 @@ class BadLoad:
 
 
 def _other_optimizer(name: str) -> dict:
-    other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop"}[name]
+    # One whose param_groups lack a key of ``name``'s.
+    other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop",
+             "NAdam": "RMSprop", "RAdam": "SGD", "Adamax": "Adagrad", "Adadelta": "Adam"}[name]
     return _trained(other).state_dict()
 
 
@@ -568,11 +581,13 @@ def _drop_hyperparameter(name: str) -> dict:
 
 
 BAD_LOADS = [
-    BadLoad("missing-slot", _edit_state(lambda s: s.pop(next(k for k in s if k != "step"))),
+    BadLoad("missing-slot", _edit_state(lambda s: s.pop(next(k for k in s if k not in SCALAR_STATE_KEYS))),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]",
             # torch.optim.SGD creates its momentum buffer lazily: a state without one is valid.
-            names=("Adam", "AdamW", "RMSprop", "Adagrad")),
-    BadLoad("slot-shape", _edit_state(lambda s: s.update({k: torch.zeros(3) for k in s if k != "step"})),
+            names=tuple(name for name in NAMES if name != "SGD")),
+    BadLoad("missing-scalar-state", _edit_state(lambda s: s.pop(next(k for k in s if k in SCALAR_STATE_KEYS))),
+            r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]", names=COUNTING),
+    BadLoad("slot-shape", _edit_state(lambda s: s.update({k: torch.zeros(3) for k in s if k not in SCALAR_STATE_KEYS})),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\]: state\['\w+'\] has shape \[3\] "
             r"but the param has shape \[2, 2\]"),
     BadLoad("other-optimizer", _other_optimizer, r"the loaded param_groups\[0\] has no \[.+\] \(the state_dict "
@@ -596,18 +611,25 @@ def test_bad_load_state_dict_changes_nothing(case, name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ("Adam", "RMSprop", "Adagrad"))
-def test_load_state_dict_with_step_as_number_like_torch(name, backend):
-    """Older checkpoints hold steps as numbers; torch.optim converts them."""
+@pytest.mark.parametrize("name", ("Adam", "RMSprop", "Adagrad", "NAdam"))
+def test_load_state_dict_with_scalar_states_as_numbers_like_torch(name, backend):
+    """Older checkpoints hold steps (and NAdam's mu_product) as numbers;
+    torch.optim converts them."""
     sd = _trained(name).state_dict()
+    keys = getattr(fastopt, name)._scalar_states
     for state in sd["state"].values():
         state["step"] = int(state["step"].item())
+        for key in keys[1:]:
+            state[key] = state[key].item()
     opt, torch_opt = _trained(name, backend), _trained(name)
     opt.load_state_dict(copy.deepcopy(sd))
     torch_opt.load_state_dict(copy.deepcopy(sd))
     for p, t in zip(opt.param_groups[1]["params"], torch_opt.param_groups[1]["params"]):
-        step, torch_step = opt.state[p]["step"], torch_opt.state[t]["step"]
-        assert isinstance(step, Tensor) and step.dtype == torch_step.dtype and step.item() == 2.0
+        assert opt.state[p]["step"].item() == 2.0
+        for key in keys:
+            value, torch_value = opt.state[p][key], torch_opt.state[t][key]
+            assert isinstance(value, Tensor) and value.dtype == torch_value.dtype
+            assert value.item() == torch_value.item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

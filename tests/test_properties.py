@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 import torch
 
-from registry import DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, clone_params, random_values, with_layout
+from registry import (DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, SCALAR_STATE_KEYS, clone_params,
+                      random_values, with_layout)
 from test_parity import K_FUSED_VS_REFERENCE, K_LOW_PRECISION, K_VS_TORCH, Run, record, rms
 
 import fastopt
@@ -41,7 +42,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-# Per optimizer and dtype (20 combinations).
+# Per optimizer and dtype (36 combinations).
 MAX_EXAMPLES = int(os.environ.get("FASTOPT_HYPOTHESIS_EXAMPLES", "15"))
 PROPERTY_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -93,6 +94,32 @@ def adagrad_kwargs(draw) -> dict[str, Any]:
                 eps=draw(EPS), maximize=draw(st.booleans()))
 
 
+@st.composite
+def nadam_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), momentum_decay=draw(st.floats(0.0, 0.1)),
+                decoupled_weight_decay=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
+@st.composite
+def radam_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), decoupled_weight_decay=draw(st.booleans()),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def adamax_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.0, 0.9999))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
+
+
+@st.composite
+def adadelta_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(1e-2, 2.0)), rho=draw(st.floats(0.0, 1.0)), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
+
+
 # name -> (fastopt class, torch.optim class, hyperparameter strategy)
 OPTIMIZERS = {
     "Adam": (fastopt.Adam, torch.optim.Adam, adam_kwargs(decoupled_option=True)),
@@ -100,6 +127,10 @@ OPTIMIZERS = {
     "SGD": (fastopt.SGD, torch.optim.SGD, sgd_kwargs()),
     "RMSprop": (fastopt.RMSprop, torch.optim.RMSprop, rmsprop_kwargs()),
     "Adagrad": (fastopt.Adagrad, torch.optim.Adagrad, adagrad_kwargs()),
+    "NAdam": (fastopt.NAdam, torch.optim.NAdam, nadam_kwargs()),
+    "RAdam": (fastopt.RAdam, torch.optim.RAdam, radam_kwargs()),
+    "Adamax": (fastopt.Adamax, torch.optim.Adamax, adamax_kwargs()),
+    "Adadelta": (fastopt.Adadelta, torch.optim.Adadelta, adadelta_kwargs()),
 }
 
 
@@ -183,7 +214,7 @@ def _run(problem: Problem, optimizer_cls, backend: str | None, compute_dtype: to
                 for p in params:
                     p.copy_(p.to(problem.dtype))
                     for key, value in optimizer.state.get(p, {}).items():
-                        if key != "step" and torch.is_tensor(value):
+                        if key not in SCALAR_STATE_KEYS and torch.is_tensor(value):
                             value.copy_(value.to(problem.dtype))
         run = record(optimizer, params)
         for key, value in run.values.items():
@@ -201,12 +232,12 @@ def assert_close_along_the_way(actual: Run, expected: Run, largest: dict[str, to
     typical size; here a run can be one element that ends near 0 by
     cancellation (a param of 1e-2 moved by lr-sized steps to 4e-4), where an
     ulp of the operands is many ulps of the result.  Non-finite elements must
-    match exactly; step counts must be identical."""
+    match exactly; scalar states (step counts, ...) must be identical."""
     assert actual.keys == expected.keys, f"{what}: state keys differ"
     for key, e in expected.values.items():
         a = actual.values[key]
-        if key == "step":
-            assert torch.equal(a, e), f"{what}: step {a.tolist()} vs {e.tolist()}"
+        if key in SCALAR_STATE_KEYS:
+            assert torch.equal(a, e), f"{what}: {key} {a.tolist()} vs {e.tolist()}"
             continue
         assert a.dtype == dtype, f"{what}: {key} has dtype {a.dtype}, expected {dtype}"
         a64, e64 = a.double(), e.double()
