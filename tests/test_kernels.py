@@ -158,7 +158,20 @@ OP_SPECS = {
                       maximize=False)),
     "adagrad_": (["params", "grads", "state_sums", "state_steps"],
                  dict(lr=1e-2, lr_decay=0.01, weight_decay=0.01, eps=1e-10, maximize=False)),
+    "nadam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "mu_products"],
+               dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, momentum_decay=4e-3,
+                    decoupled_weight_decay=False, maximize=False)),
+    "radam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
+               dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled_weight_decay=True,
+                    maximize=False)),
+    "adamax_": (["params", "grads", "exp_avgs", "exp_infs", "state_steps"],
+                dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)),
+    "adadelta_": (["params", "grads", "square_avgs", "acc_deltas", "state_steps"],
+                  dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01, maximize=False)),
 }
+# The per-tensor scalar-state lists of the ops (one-element float tensors),
+# with the value each starts a valid call with (NAdam's mu_product after 3 steps: ~0.45^3).
+SCALAR_STATE_LISTS = {"state_steps": 3.0, "mu_products": 0.1}
 OP_SHAPES = [(5,), (3, 4), (7,)]  # the bad entry is always the last one, index 2
 KERNELS = {"fused": lambda: torch.ops.fastopt, "reference": lambda: reference}
 
@@ -167,13 +180,14 @@ def _op_lists(op: str, dtype=torch.float32) -> dict[str, list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(5)
     lists = {}
     for name in OP_SPECS[op][0]:
-        if name == "state_steps":
-            lists[name] = [torch.tensor(3.0) for _ in OP_SHAPES]
+        if name in SCALAR_STATE_LISTS:
+            lists[name] = [torch.tensor(SCALAR_STATE_LISTS[name]) for _ in OP_SHAPES]
         else:
             values = [torch.randn(shape, generator=generator).to(dtype) for shape in OP_SHAPES]
-            # Second moments must be non-negative, and square_avg >= grad_avg**2.
-            lists[name] = [v.abs() + 1 if name in ("exp_avg_sqs", "square_avgs", "state_sums") else v
-                           for v in values]
+            # Second moments (and Adamax's infinity norm, Adadelta's accumulated
+            # updates) must be non-negative, and square_avg >= grad_avg**2.
+            positive = ("exp_avg_sqs", "square_avgs", "state_sums", "exp_infs", "acc_deltas")
+            lists[name] = [v.abs() + 1 if name in positive else v for v in values]
     if "max_exp_avg_sqs" in lists:  # below exp_avg_sq, so that the call raises it
         lists["max_exp_avg_sqs"] = [v * 0.5 for v in lists["exp_avg_sqs"]]
     if "grad_avgs" in lists:  # square_avg - grad_avg**2 > 0
@@ -200,7 +214,7 @@ def _bad_calls(op: str):
     """(id, edit of the lists, the message the error must contain)."""
     names = OP_SPECS[op][0]
     state = [n for n in names if n not in ("params", "grads")]
-    slots = [n for n in state if n != "state_steps"]
+    slots = [n for n in state if n not in SCALAR_STATE_LISTS]
     cases = []
     for name in names[1:]:
         cases.append((f"short-{name}", lambda lists, n=name: lists[n].pop(),
@@ -217,14 +231,14 @@ def _bad_calls(op: str):
     cases.append(("grad-dtype", lambda lists: lists["grads"].__setitem__(2, lists["grads"][2].half()),
                   r"grads\[2\] has dtype"))
     cases.append(("param-dtype-mix", lambda lists: [lists[n].__setitem__(2, lists[n][2].double())
-                                                    for n in names if n != "state_steps"],
+                                                    for n in names if n not in SCALAR_STATE_LISTS],
                   r"params\[2\] has dtype torch.float64|params\[2\] has dtype Double"))
-    if "state_steps" in names:
-        cases.append(("step-int", lambda lists: lists["state_steps"].__setitem__(2, torch.tensor(3)),
-                      r"state_steps\[2\] must be"))
-        cases.append(("step-two-elements",
-                      lambda lists: lists["state_steps"].__setitem__(2, torch.tensor([3.0, 3.0])),
-                      r"state_steps\[2\] must be"))
+    for name in (n for n in state if n in SCALAR_STATE_LISTS):
+        cases.append((f"{name}-int", lambda lists, n=name: lists[n].__setitem__(2, torch.tensor(3)),
+                      rf"{name}\[2\] must be"))
+        cases.append((f"{name}-two-elements",
+                      lambda lists, n=name: lists[n].__setitem__(2, torch.tensor([3.0, 3.0])),
+                      rf"{name}\[2\] must be"))
     return [pytest.param(op, edit, pattern, id=f"{op}-{case_id}") for case_id, edit, pattern in cases]
 
 
@@ -361,7 +375,7 @@ def test_strided_param_leaves_gaps_alone(case, backend):
 
 # -- (e) backend selection ---------------------------------------------------------------
 
-FASTOPT_CLASSES = [fastopt.Adam, fastopt.AdamW, fastopt.SGD, fastopt.RMSprop, fastopt.Adagrad]
+FASTOPT_CLASSES = list(dict.fromkeys(case.fastopt_cls for case in OPTIMIZERS))
 
 
 def _params():
@@ -376,7 +390,7 @@ def _step(optimizer, steps=1):
         optimizer.step()
 
 
-REFERENCE_OPS = ("adam_", "sgd_", "rmsprop_", "adagrad_")
+REFERENCE_OPS = tuple(dict.fromkeys(f"{cls._op}_" for cls in FASTOPT_CLASSES))
 
 
 @pytest.fixture
