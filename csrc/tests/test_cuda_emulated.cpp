@@ -293,6 +293,12 @@ std::vector<Variant> variants() {
     }
   }
   out.push_back(optimizer_variant<rules::AdagradOptimizer>({0.1, 0.01, 0.1, 1e-10}));
+  for (bool decoupled : {false, true}) {
+    out.push_back(optimizer_variant<rules::NadamOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1, 4e-3, decoupled}));
+    out.push_back(optimizer_variant<rules::RadamOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1, decoupled}));
+  }
+  out.push_back(optimizer_variant<rules::AdamaxOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1}));
+  out.push_back(optimizer_variant<rules::AdadeltaOptimizer>({1.0, 0.9, 1e-6, 0.1}));
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
