@@ -20,11 +20,15 @@
 // other places an optimizer lives (README, "Adding an optimizer").
 #pragma once
 
+#include "rules/adadelta.h"
 #include "rules/adagrad.h"
 #include "rules/adam.h"
+#include "rules/adamax.h"
 #include "rules/adopt.h"
 #include "rules/asgd.h"
 #include "rules/lion.h"
+#include "rules/nadam.h"
+#include "rules/radam.h"
 #include "rules/rmsprop.h"
 #include "rules/rprop.h"
 #include "rules/sgd.h"
@@ -33,10 +37,14 @@
   X(adam, AdamOptimizer)      \
   X(sgd, SgdOptimizer)        \
   X(rmsprop, RmspropOptimizer) \
-  X(adagrad, AdagradOptimizer)  \
-  X(asgd, AsgdOptimizer)        \
-  X(rprop, RpropOptimizer)      \
-  X(lion, LionOptimizer)        \
+  X(adagrad, AdagradOptimizer)   \
+  X(nadam, NadamOptimizer)       \
+  X(radam, RadamOptimizer)       \
+  X(adamax, AdamaxOptimizer)     \
+  X(adadelta, AdadeltaOptimizer) \
+  X(asgd, AsgdOptimizer)         \
+  X(rprop, RpropOptimizer)       \
+  X(lion, LionOptimizer)         \
   X(adopt, AdoptOptimizer)
 
 namespace fastopt {
