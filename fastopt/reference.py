@@ -663,8 +663,11 @@ def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, 
         p, exp_avg = st.param(i, param), st.load(exp_avgs[i])
         g = st.grad(grads[i], maximize)
         p.mul_(1 - lr * weight_decay)
-        p.add_((beta1 * exp_avg).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
-        exp_avg.mul_(beta2).add_(g, alpha=1 - beta2)
+        # Products rounded on their own, as in the rule: add(alpha=) would fuse the
+        # multiply-add, and one rounding more or less of m or of the interpolation
+        # flips the sign where it cancels (a 2*lr difference).
+        p.add_((beta1 * exp_avg).add_(g * (1 - beta1)).sign_(), alpha=-lr)
+        exp_avg.mul_(beta2).add_(g * (1 - beta2))
         st.store_param(i, param, p)
         _store(exp_avgs[i], exp_avg)
 

@@ -61,7 +61,12 @@ class _ForLoop(torch.optim.Optimizer):
 
 
 class Lion(_ForLoop):
-    """Lion (Chen et al. 2023, Program 1) in lion-pytorch's order of operations."""
+    """Lion (Chen et al. 2023, Program 1) in lion-pytorch's order of operations,
+    with each product rounded on its own (lion-pytorch's ``add(alpha=)`` fuses
+    the multiply-add on CPU): a sign-based update turns one rounding of m or of
+    the interpolation into a 2*lr step where it cancels, most often with
+    16-bit state, so the oracle rounds as fastopt's rule does (and matches
+    lion-pytorch within rounding, test_oracles.py)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, fused=None):
@@ -76,8 +81,8 @@ class Lion(_ForLoop):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         p, grad, exp_avg = _real(p, grad, state["exp_avg"])
         p.mul_(1 - lr * group["weight_decay"])
-        p.add_(exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sign_(), alpha=-lr)
-        exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+        p.add_(exp_avg.clone().mul_(beta1).add(grad * (1 - beta1)).sign_(), alpha=-lr)
+        exp_avg.mul_(beta2).add_(grad * (1 - beta2))
 
 
 class ADOPT(_ForLoop):

@@ -4,8 +4,9 @@ lion-pytorch's Lion and pytorch-optimizer's ADOPT (both in pyproject's
 ``test`` extra; each test skips when its package is missing), element by
 element.
 
-The oracles run the packages' torch ops in the same order, so they must match
-exactly; fastopt within the parity tolerance of torch.optim (Note [Parity
+The ADOPT oracle runs the package's torch ops in the same order, so it must
+match exactly; the Lion oracle (which rounds each product on its own) and
+fastopt within the parity tolerance of torch.optim (Note [Parity
 tolerances] in test_parity.py).  Where the packages' options differ (lion-
 pytorch has no ``maximize``: it gets the negated grads; pytorch-optimizer
 names decoupled weight decay ``weight_decouple`` and keeps its step count in
@@ -89,7 +90,8 @@ def test_lion_matches_lion_pytorch(options, implementation):
         lambda ps: IMPLEMENTATIONS[implementation]("Lion", ps, options),
         lambda ps: lion_pytorch.Lion(ps, **package_options), negate_package_grads=options.get("maximize", False))
     assert set(optimizer.state[params[0]]) == set(package.state[package_params[0]]) == {"exp_avg"}
-    assert_runs_equal(params, package_params, optimizer, package, KEYS["Lion"], exact=implementation == "oracle")
+    # Within rounding only: the oracle rounds each product on its own (tests/oracles.py).
+    assert_runs_equal(params, package_params, optimizer, package, KEYS["Lion"], exact=False)
     # Without weight decay each step moves by exactly +-lr: a random walk of 10
     # such steps is back at its start with probability C(10, 5) / 2^10 ~ 25%.
     assert_moved(params, initial, 0.6)
