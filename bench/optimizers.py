@@ -38,6 +38,10 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("rmsprop-centered-momentum", "RMSprop", "RMSprop centered+momentum",
                       {"lr": 1e-3, "centered": True, "momentum": 0.9}, 3),
         OptimizerSpec("adagrad", "Adagrad", "Adagrad", {"lr": 1e-2}, 1),
+        OptimizerSpec("nadam", "NAdam", "NAdam", {"lr": 2e-3}, 2),
+        OptimizerSpec("radam", "RAdam", "RAdam", {"lr": 1e-3}, 2),
+        OptimizerSpec("adamax", "Adamax", "Adamax", {"lr": 2e-3}, 2),
+        OptimizerSpec("adadelta", "Adadelta", "Adadelta", {"lr": 1.0}, 2),
         OptimizerSpec("adam-pipeline", "Adam", "Adam + GradScaler + clip", {"lr": 1e-3}, 2,
                       max_grad_norm=1.0),
         OptimizerSpec("asgd", "ASGD", "ASGD", {"lr": 1e-3}, 1),
@@ -45,7 +49,8 @@ SPECS: dict[str, OptimizerSpec] = {
     )
 }
 
-# Plain SGD (no state), ASGD and Rprop are available with --optimizers but not
-# run by default.  (Lion and ADOPT have no torch.optim baseline to compare with.)
+# Plain SGD (no state) and the optimizers added after the first five are
+# available with --optimizers but not run by default (Lion and ADOPT have no
+# torch.optim baseline; their report rows compare with the roofline only).
 DEFAULT_OPTIMIZERS = ("adam", "adam-amsgrad", "adamw", "sgd-momentum", "sgd-nesterov", "rmsprop",
                       "rmsprop-centered-momentum", "adagrad", "adam-pipeline")

@@ -15,16 +15,21 @@
 //     optimizer and driver (setup.py and CMakeLists.txt write them from
 //     this table into the build folder), so the build compiles optimizers
 //     in parallel and a change to one rule recompiles that rule only.
-// The row's first name is the file stem of the generated sources.  The
+// The row's first name is the file stem of the rule header (rules/<name>.h)
+// and of the generated sources, which include that header only.  The
 // Python class, its reference function and its test and bench rows are the
 // other places an optimizer lives (README, "Adding an optimizer").
 #pragma once
 
+#include "rules/adadelta.h"
 #include "rules/adagrad.h"
 #include "rules/adam.h"
+#include "rules/adamax.h"
 #include "rules/adopt.h"
 #include "rules/asgd.h"
 #include "rules/lion.h"
+#include "rules/nadam.h"
+#include "rules/radam.h"
 #include "rules/rmsprop.h"
 #include "rules/rprop.h"
 #include "rules/sgd.h"
@@ -33,10 +38,14 @@
   X(adam, AdamOptimizer)      \
   X(sgd, SgdOptimizer)        \
   X(rmsprop, RmspropOptimizer) \
-  X(adagrad, AdagradOptimizer)  \
-  X(asgd, AsgdOptimizer)        \
-  X(rprop, RpropOptimizer)      \
-  X(lion, LionOptimizer)        \
+  X(adagrad, AdagradOptimizer)   \
+  X(nadam, NadamOptimizer)       \
+  X(radam, RadamOptimizer)       \
+  X(adamax, AdamaxOptimizer)     \
+  X(adadelta, AdadeltaOptimizer) \
+  X(asgd, AsgdOptimizer)         \
+  X(rprop, RpropOptimizer)       \
+  X(lion, LionOptimizer)         \
   X(adopt, AdoptOptimizer)
 
 namespace fastopt {

@@ -423,17 +423,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
 
     def _recast_loaded_state(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's load_state_dict casts floating state to the param's
-        dtype; fastopt keeps master copies in float32 and slots in the group's
-        state dtype (Note [Large-model options]), so those are taken again
+        """torch.optim's load_state_dict casts floating state but ``step`` to
+        the param's dtype; fastopt keeps master copies in float32, slots in the
+        group's state dtype (Note [Large-model options]) and every scalar
+        state as saved, as torch.optim keeps ``step`` (a bfloat16 NAdam
+        ``mu_product`` would lose its precision), so those are taken again
         from the saved tensors, without the lossy cast."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if key in self._scalar_states:
-                    # torch.optim casts every state but `step` to the param's dtype; all
-                    # scalar states (ASGD's eta and mu too) keep the dtype they were saved with.
                     self.state[p][key] = value
                     continue
                 if not isinstance(value, Tensor) or not p.is_floating_point():

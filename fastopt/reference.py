@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import sys
 from typing import Any, Sequence
 
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "adam_", "sgd_", "rmsprop_", "adagrad_", "asgd_", "rprop_", "lion_", "adopt_", "grad_sq_norm",
+    "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
+    "lion_", "adopt_", "grad_sq_norm",
     "BoundTensors", "tensor_problem", "is_dense", "grad_sq_norm_bound_",
 ]
 
@@ -410,6 +412,171 @@ def _adagrad_sparse(param: Tensor, grad: Tensor, state_sum: Tensor, clr: float, 
     state_sum.add_(at_indices(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
     param.add_(at_indices(values / std_values), alpha=-clr)
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _adam_moments(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
+                  beta2: float, weight_decay: float, decoupled_weight_decay: bool) -> Tensor:
+    """What NAdam and RAdam do before their own update (csrc/rules/adam_moments.h),
+    in place: weight decay (decoupled: ``p *= 1 - lr*wd``; L2: ``g += wd*p``),
+    then ``m += (1 - beta1)*(g - m)``, ``v = beta2*v + (1 - beta2)*g*g``.
+    Returns the grad after L2 weight decay."""
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+    exp_avg.add_(g - exp_avg, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
+    return g
+
+
+def _nadam_mu(beta1: float, momentum_decay: float, step: float) -> float:
+    """mu_t of NAdam's momentum schedule (nadam_mu in csrc/rules/nadam.h)."""
+    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+@torch.no_grad()
+def nadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, mu_products, *, lr, beta1, beta2, eps,
+           weight_decay, momentum_decay, decoupled_weight_decay, maximize, lr_tensor=None, grad_scale=None,
+           found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """NAdam / NAdamW (csrc/rules/nadam.h)::
+
+        g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
+        mu_t = beta1 * (1 - 0.5 * 0.96^(t*momentum_decay));  mu_product *= mu_t (in float32)
+        m += (1 - beta1) * (g - m);  v = beta2*v + (1 - beta2)*g*g;  denom = sqrt(v / (1 - beta2^t)) + eps
+        p += -lr*(1 - mu_t)/(1 - mu_product) * g/denom;  p += -lr*mu_{t+1}/(1 - mu_product*mu_{t+1}) * m/denom
+    """
+    st = _Step("nadam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps, "mu_products": mu_products},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        mu, mu_next = _nadam_mu(beta1, momentum_decay, step), _nadam_mu(beta1, momentum_decay, step + 1)
+        # torch.optim multiplies its float32 mu_product in place by mu, rounded to float32 first.
+        mu_products[i].fill_(_float32(_float32(mu_products[i].item()) * _float32(mu)))
+        mu_product = mu_products[i].item()
+        grad_coefficient = -lr * (1.0 - mu) / (1.0 - mu_product)
+        exp_avg_coefficient = -lr * mu_next / (1.0 - mu_product * mu_next)
+        bias_correction2 = 1 - beta2**step
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = _adam_moments(p, st.grad(grads[i], maximize), exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                          weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay)
+        denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+        p.addcdiv_(g, denom, value=grad_coefficient)
+        p.addcdiv_(exp_avg, denom, value=exp_avg_coefficient)
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
+
+
+@torch.no_grad()
+def radam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+           decoupled_weight_decay, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+           master_params=(), rounding_seed=None) -> None:
+    """RAdam (csrc/rules/radam.h)::
+
+        g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
+        m += (1 - beta1) * (g - m);  v = beta2*v + (1 - beta2)*g*g
+        rho_inf = 2/(1 - beta2) - 1;  rho_t = rho_inf - 2t*beta2^t/(1 - beta2^t)
+        r_t = sqrt((rho_t - 4)(rho_t - 2)rho_inf / ((rho_inf - 4)(rho_inf - 2)rho_t))
+        p -= m/(1 - beta1^t) * lr * sqrt(1 - beta2^t)/(sqrt(v) + eps) * r_t    (rho_t > 5)
+        p -= m/(1 - beta1^t) * lr                                            (otherwise)
+    """
+    st = _Step("radam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    rho_inf = 2 / (1 - beta2) - 1
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        rho_t = rho_inf - 2 * step * beta2**step / bias_correction2
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = _adam_moments(p, st.grad(grads[i], maximize), exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                          weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay)
+        update = exp_avg / bias_correction1 * lr
+        if rho_t > 5.0:
+            rectification = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            adaptive_lr = math.sqrt(bias_correction2) / exp_avg_sq.sqrt().add_(eps)
+            update = update * adaptive_lr * rectification
+        p.sub_(update)
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
+
+
+@torch.no_grad()
+def adamax_(params, grads, exp_avgs, exp_infs, state_steps, *, lr, beta1, beta2, eps, weight_decay, maximize,
+            lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """Adamax (csrc/rules/adamax.h)::
+
+        g = -g if maximize;  g += wd*p
+        m += (1 - beta1) * (g - m);  u = max(beta2*u, |g| + eps)
+        p += -lr/(1 - beta1^t) * m/u
+    """
+    st = _Step("adamax_", params, grads, {"exp_avgs": exp_avgs, "exp_infs": exp_infs},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        p, exp_avg, exp_inf = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_infs[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        exp_avg.add_(g - exp_avg, alpha=1 - beta1)
+        torch.maximum(exp_inf.mul_(beta2), g.abs().add_(eps), out=exp_inf)
+        p.addcdiv_(exp_avg, exp_inf, value=-(lr / (1 - beta1**step)))
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_infs[i], exp_inf)
+
+
+@torch.no_grad()
+def adadelta_(params, grads, square_avgs, acc_deltas, state_steps, *, lr, rho, eps, weight_decay, maximize,
+              lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """Adadelta (csrc/rules/adadelta.h)::
+
+        g = -g if maximize;  g += wd*p
+        s = rho*s + (1 - rho)*g*g;  d = sqrt(a + eps)/sqrt(s + eps) * g;  a = rho*a + (1 - rho)*d*d
+        p += -lr * d
+    """
+    st = _Step("adadelta_", params, grads, {"square_avgs": square_avgs, "acc_deltas": acc_deltas},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        _increment(state_steps[i])
+        p, square_avg, acc_delta = st.param(i, param), st.load(square_avgs[i]), st.load(acc_deltas[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        square_avg.mul_(rho).add_(g * g, alpha=1 - rho)
+        delta = acc_delta.add(eps).sqrt_().div_(square_avg.add(eps).sqrt_()).mul_(g)
+        acc_delta.mul_(rho).add_(delta * delta, alpha=1 - rho)
+        p.add_(delta, alpha=-lr)
+        st.store_param(i, param, p)
+        _store(square_avgs[i], square_avg)
+        _store(acc_deltas[i], acc_delta)
 
 
 @torch.no_grad()

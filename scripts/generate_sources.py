@@ -14,12 +14,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "csrc", "optimizer_table.h")
 
-# (kind, file name, contents) for each row (name, Descriptor) of the table;
-# the includes are relative to csrc/, which the builds put on the include path.
+# (kind, file name, contents) for each row (name, Descriptor) of the table:
+# the driver and the optimizer's own rule header (csrc/rules/<name>.h) only,
+# so that a change to one rule, or a new row, recompiles that optimizer only.
+# The includes are relative to csrc/, which the builds put on the include path.
 UNITS = (
-    ("cpu", "cpu_{name}.cpp", '#include "cpu/step_cpu.h"\n\nFASTOPT_INSTANTIATE_CPU_STEP({name}, {descriptor})\n'),
+    ("cpu", "cpu_{name}.cpp",
+     '#include "cpu/step_cpu.h"\n#include "rules/{name}.h"\n\nFASTOPT_INSTANTIATE_CPU_STEP({name}, {descriptor})\n'),
     ("cuda", "cuda_{name}.cu",
-     '#include "cuda/multi_tensor_apply.cuh"\n\nFASTOPT_INSTANTIATE_CUDA_STEP({name}, {descriptor})\n'),
+     '#include "cuda/multi_tensor_apply.cuh"\n#include "rules/{name}.h"\n\n'
+     'FASTOPT_INSTANTIATE_CUDA_STEP({name}, {descriptor})\n'),
     # The CUDA unit as host C++ against the emulated runtime (CMake's C++ tests).
     ("emulated", "cuda_{name}_emulated.cpp", '#include "cuda_{name}.cu"\n'),
 )

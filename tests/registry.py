@@ -99,6 +99,39 @@ OPTIMIZERS: list[OptimizerCase] = [
                   {"lr": 1e-1, "initial_accumulator_value": 0.5, "eps": 1e-6}),
     OptimizerCase("adagrad-weight_decay-maximize", torch.optim.Adagrad, fastopt.Adagrad,
                   {"lr": 1e-1, "weight_decay": 0.0731, "maximize": True}),
+    # NAdam: the momentum schedule (momentum_decay) and its mu_product state,
+    # L2 or decoupled weight decay (NAdamW).
+    OptimizerCase("nadam-default", torch.optim.NAdam, fastopt.NAdam, {"lr": 5e-2}),
+    OptimizerCase("nadam-weight_decay-momentum_decay", torch.optim.NAdam, fastopt.NAdam,
+                  {"lr": 5e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0731,
+                   "momentum_decay": 0.0123}),
+    OptimizerCase("nadam-decoupled_weight_decay-maximize", torch.optim.NAdam, fastopt.NAdam,
+                  {"lr": 5e-2, "weight_decay": 0.0731, "decoupled_weight_decay": True, "maximize": True}),
+    # float64 for the reason given at adam-tensor_lr.
+    OptimizerCase("nadam-tensor_lr", torch.optim.NAdam, fastopt.NAdam,
+                  {"lr": torch.tensor(8e-2, dtype=torch.float64)}),
+    # RAdam: with the default beta2 = 0.999, rho_t > 5 from step 6 on, so ten
+    # steps take both the unrectified and the rectified update.
+    OptimizerCase("radam-default", torch.optim.RAdam, fastopt.RAdam, {"lr": 5e-2}),
+    OptimizerCase("radam-weight_decay", torch.optim.RAdam, fastopt.RAdam,
+                  {"lr": 5e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0731}),
+    OptimizerCase("radam-decoupled_weight_decay-maximize", torch.optim.RAdam, fastopt.RAdam,
+                  {"lr": 5e-2, "weight_decay": 0.0731, "decoupled_weight_decay": True, "maximize": True}),
+    OptimizerCase("radam-tensor_lr", torch.optim.RAdam, fastopt.RAdam,
+                  {"lr": torch.tensor(8e-2, dtype=torch.float64)}),
+    # Adamax: the infinity norm exp_inf = max(beta2 * exp_inf, |g| + eps).
+    OptimizerCase("adamax-default", torch.optim.Adamax, fastopt.Adamax, {"lr": 5e-2}),
+    OptimizerCase("adamax-weight_decay", torch.optim.Adamax, fastopt.Adamax,
+                  {"lr": 5e-2, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.0731}),
+    OptimizerCase("adamax-maximize-tensor_lr", torch.optim.Adamax, fastopt.Adamax,
+                  {"lr": torch.tensor(8e-2, dtype=torch.float64), "maximize": True}),
+    # Adadelta: its first steps are ~sqrt(eps) * lr in size, so eps (and lr)
+    # are raised for the updates to stand far above the tolerances.
+    OptimizerCase("adadelta-eps", torch.optim.Adadelta, fastopt.Adadelta, {"eps": 1e-3}),
+    OptimizerCase("adadelta-rho-weight_decay", torch.optim.Adadelta, fastopt.Adadelta,
+                  {"lr": 5.0, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.0731}),
+    OptimizerCase("adadelta-maximize-tensor_lr", torch.optim.Adadelta, fastopt.Adadelta,
+                  {"lr": torch.tensor(2.0, dtype=torch.float64), "eps": 1e-3, "maximize": True}),
     # ASGD: eta and mu are scalar states the previous step stored.  The default
     # t0 (1e6) keeps mu = 1 (ax copies the param); t0 = 3 averages from step 5
     # on, a fractional t0 gives fractional mu.
@@ -155,11 +188,13 @@ OPTIMIZERS: list[OptimizerCase] = [
 
 OPTIMIZER_IDS = [case.id for case in OPTIMIZERS]
 OPTIMIZERS_BY_ID = {case.id: case for case in OPTIMIZERS}
-
-# State keys of per-tensor scalar states (0-dim float32 tensors that the
-# optimizers keep whatever the param's dtype: torch's `step`, ASGD's `eta` and
-# `mu`), as opposed to slots shaped like the param.
+# The state keys of per-tensor scalar states ("step", NAdam's "mu_product",
+# ASGD's "eta" and "mu"):
+# 0-dim float32 tensors whatever the param's dtype and shape, compared
+# exactly (fastopt computes them as torch.optim does) and never rounded to a
+# storage dtype.
 SCALAR_STATE_KEYS = frozenset(key for case in OPTIMIZERS for key in case.fastopt_cls._scalar_states)
+
 
 
 # -- shapes --------------------------------------------------------------------
@@ -355,7 +390,7 @@ def run_steps(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], feed: 
 
 @torch.no_grad()
 def round_through(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype) -> None:
-    """Rounds every param and state slot (not the scalar states) to ``dtype``, in place."""
+    """Rounds every param and state tensor (but the scalar states) to ``dtype``, in place."""
     for p in params:
         p.copy_(p.to(dtype))
         for key, value in optimizer.state.get(p, {}).items():

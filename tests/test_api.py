@@ -51,6 +51,23 @@ CONFIGS = {
         dict(lr=0.1),
         dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
     ],
+    "NAdam": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01, decoupled_weight_decay=True,
+             maximize=True),
+    ],
+    "RAdam": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.05, decoupled_weight_decay=True, maximize=True),
+    ],
+    "Adamax": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, maximize=True),
+    ],
+    "Adadelta": [
+        dict(lr=1.0),
+        dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.05, maximize=True),
+    ],
     "ASGD": [
         dict(lr=1e-2),
         dict(lr=1e-2, lambd=0.01, alpha=0.6, t0=2, weight_decay=0.01, maximize=True),
@@ -76,8 +93,7 @@ CASES = [
     for name, kws in CONFIGS.items()
     for i, kw in enumerate(kws)
 ]
-COUNTS_STEPS = {"Adam": True, "AdamW": True, "SGD": False, "RMSprop": True, "Adagrad": True, "ASGD": True,
-                "Rprop": True, "Lion": False, "ADOPT": True}
+COUNTS_STEPS = {name: "step" in getattr(fastopt, name)._scalar_states for name in CONFIGS}
 
 # Measured worst case over 20 steps of every config above: 2.4e-7 absolute
 # (params of magnitude ~1) for float32, 7e-16 for float64.  The tolerances
@@ -158,7 +174,8 @@ def assert_state_close(fast_opt, fast_params, torch_opt, torch_params):
                 continue
             assert (f_value.shape, f_value.dtype, f_value.device) == (
                 t_value.shape, t_value.dtype, t_value.device), f"param {i} state {key!r}"
-            tol = dict(rtol=0, atol=0) if key == "step" else TOL[t.dtype]
+            # Scalar states (step counts, NAdam's mu_product) are computed as torch.optim does.
+            tol = dict(rtol=0, atol=0) if key in type(fast_opt)._scalar_states else TOL[t.dtype]
             torch.testing.assert_close(f_value, t_value, **tol,
                                        msg=lambda m, i=i, key=key: f"param {i} state {key!r}: {m}")
 
@@ -233,6 +250,23 @@ INVALID = {
         dict(lr=-0.1), dict(lr_decay=-0.1), dict(weight_decay=-0.1),
         dict(initial_accumulator_value=-0.1), dict(eps=-1e-10),
         dict(lr=torch.tensor([0.1, 0.2])), dict(fused=True, foreach=True),
+    ],
+    "NAdam": [
+        dict(lr=-1e-3), dict(lr=torch.tensor(-1.0)), dict(eps=-1e-8), dict(betas=(1.0, 0.999)),
+        dict(betas=(0.9, -0.5)), dict(weight_decay=-0.1), dict(momentum_decay=-0.1),
+        dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "RAdam": [
+        dict(lr=-1e-3), dict(eps=-1e-8), dict(betas=(-0.1, 0.999)), dict(betas=(0.9, 1.0)),
+        dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "Adamax": [
+        dict(lr=-1e-3), dict(eps=-1e-8), dict(betas=(1.0, 0.999)), dict(betas=(0.9, 1.5)),
+        dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "Adadelta": [
+        dict(lr=-0.1), dict(rho=-0.1), dict(rho=1.5), dict(eps=-1e-6), dict(weight_decay=-0.1),
+        dict(lr=torch.tensor([0.1, 0.2])),
     ],
     "ASGD": [dict(lr=-0.1), dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2]))],
     "Rprop": [
@@ -340,9 +374,9 @@ def test_state_layout_matches_torch(case, backend):
         assert_state_close(of, pf, ot, pt)
     assert_params_close(pf, pt)
     for state in of.state.values():
-        if "step" in state:
-            assert state["step"].dtype == torch.float32 and state["step"].dim() == 0
-            assert state["step"].device.type == "cpu"
+        for key in type(of)._scalar_states:
+            assert state[key].dtype == torch.float32 and state[key].dim() == 0
+            assert state[key].device.type == "cpu"
     sd_t, sd_f = ot.state_dict(), of.state_dict()
     assert sd_f["param_groups"] == sd_t["param_groups"]
     assert set(sd_f["state"]) == set(sd_t["state"])
@@ -443,6 +477,18 @@ SCHEDULERS = {
     "LinearLR-tensor-lr-Adagrad": (
         "Adagrad", dict(lr=torch.tensor(0.1)),
         lambda o: lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=8)),
+    "StepLR-tensor-lr-NAdam": (
+        "NAdam", dict(lr=torch.tensor(0.01), momentum_decay=0.01),
+        lambda o: lr_scheduler.StepLR(o, step_size=4, gamma=0.5)),
+    "CosineAnnealingLR-RAdam": (
+        "RAdam", dict(lr=0.01, weight_decay=0.05),
+        lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=10)),
+    "OneCycleLR-Adamax-cycles-beta1": (
+        "Adamax", dict(lr=0.01),
+        lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=20)),
+    "ExponentialLR-tensor-lr-Adadelta": (
+        "Adadelta", dict(lr=torch.tensor(1.0)),
+        lambda o: lr_scheduler.ExponentialLR(o, gamma=0.8)),
 }
 
 

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 import fastopt
 import oracles
-from registry import OPTIMIZER_IDS, OPTIMIZERS
+from registry import OPTIMIZER_IDS, OPTIMIZERS, SCALAR_STATE_KEYS
 
 BACKENDS = ("fused", "reference")
-NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "ASGD", "Rprop", "Lion", "ADOPT")
+NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
+         "Lion", "ADOPT")
 # One configuration per optimizer that keeps every state slot it can have.
 STATEFUL = {
     "Adam": dict(lr=0.05, amsgrad=True, weight_decay=0.0731),
@@ -38,13 +39,20 @@ STATEFUL = {
     "SGD": dict(lr=0.05, momentum=0.9),
     "RMSprop": dict(lr=0.01, centered=True, momentum=0.5),
     "Adagrad": dict(lr=0.1, lr_decay=0.01),
+    "NAdam": dict(lr=0.05, weight_decay=0.0731, momentum_decay=0.0123),
+    "RAdam": dict(lr=0.05, weight_decay=0.0731),
+    "Adamax": dict(lr=0.05, weight_decay=0.0731),
+    "Adadelta": dict(lr=1.0, eps=1e-3, weight_decay=0.0731),
     "ASGD": dict(lr=0.05, t0=1),
     "Rprop": dict(lr=0.05),
     "Lion": dict(lr=0.05, weight_decay=0.0731),
     "ADOPT": dict(lr=0.05, weight_decay=0.0731),
 }
 SLOTS = {"Adam": "exp_avg", "AdamW": "exp_avg_sq", "SGD": "momentum_buffer", "RMSprop": "grad_avg",
-         "Adagrad": "sum", "ASGD": "ax", "Rprop": "step_size", "Lion": "exp_avg", "ADOPT": "exp_avg_sq"}
+         "Adagrad": "sum", "NAdam": "exp_avg_sq", "RAdam": "exp_avg", "Adamax": "exp_inf", "Adadelta": "acc_delta",
+         "ASGD": "ax", "Rprop": "step_size", "Lion": "exp_avg", "ADOPT": "exp_avg_sq"}
+# The optimizers that count steps (all but SGD and Lion).
+COUNTING = tuple(name for name in NAMES if "step" in getattr(fastopt, name)._scalar_states)
 
 
 def torch_cls(name: str) -> type[torch.optim.Optimizer]:
@@ -163,6 +171,8 @@ BAD_VALUES = {
     "step_sizes": [(50.0, 1e-6)],  # not validated by torch.optim.Rprop
     "lambd": [-0.1],
     "t0": [-1.0],
+    "momentum_decay": [-0.1, math.nan],
+    "rho": [-0.1, 1.5, math.nan],
 }
 HYPERPARAMETERS = [
     pytest.param(name, arg, value, id=f"{name}-{arg}={value!r}".replace(" ", ""))
@@ -265,16 +275,17 @@ def _grad_device(opt, params, name):
     params[4].grad = grad
 
 
-def _state(edit, scalar_state="step"):
+def _state(edit, key=None):
+    """Breaks state ``key`` (default: the optimizer's slot in SLOTS)."""
     def breaks(opt, params, name):
         state = opt.state[params[4]]
-        key = scalar_state if edit == "step" else SLOTS[name]
-        state[key] = {
+        broken = key or SLOTS[name]
+        state[broken] = {
             "shape": lambda t: torch.zeros(9),
             "dtype": lambda t: t.double(),
             "device": lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"),
-            "step": lambda t: torch.tensor(2),
-        }[edit](state[key])
+            "int": lambda t: torch.tensor(2),
+        }[edit](state[broken])
         opt.invalidate_plans()
     return breaks
 
@@ -293,15 +304,17 @@ BAD_STEPS = [
     BadStep("state-shape", _state("shape"), r"state\['\w+'\] has shape \[9\] but the param has shape \[2, 2\]"),
     BadStep("state-dtype", _state("dtype"), r"state\['\w+'\] has dtype torch.float64 but the param"),
     BadStep("state-device", _state("device"), r"state\['\w+'\] is on meta but the param is on cpu"),
-    BadStep("step-int", _state("step"), r"state\['step'\] must be a one-element float32 or float64 tensor",
-            names=("Adam", "AdamW", "RMSprop", "Adagrad", "ASGD", "Rprop", "ADOPT")),
-    BadStep("eta-int", _state("step", "eta"), r"state\['eta'\] must be a one-element float32 or float64 tensor",
+    BadStep("step-int", _state("int", "step"), r"state\['step'\] must be a one-element float32 or float64 tensor",
+            names=COUNTING),
+    BadStep("mu_product-int", _state("int", "mu_product"),
+            r"state\['mu_product'\] must be a one-element float32 or float64 tensor", names=("NAdam",)),
+    BadStep("eta-int", _state("int", "eta"), r"state\['eta'\] must be a one-element float32 or float64 tensor",
             names=("ASGD",)),
     BadStep("sparse-grad-unsupported", _sparse_grad, "Adam does not support sparse gradients, please "
             r"consider SparseAdam instead \(got a sparse grad for param_groups\[1\]\['params'\]\[1\]\)",
             names=("Adam", "AdamW")),
-    *[BadStep("sparse-grad-unsupported", _sparse_grad, f"{name} does not support sparse gradients",
-              names=(name,)) for name in ("RMSprop", "ASGD", "Rprop", "Lion", "ADOPT")],
+    *[BadStep("sparse-grad-unsupported", _sparse_grad, f"{name} does not support sparse gradients", names=(name,))
+      for name in ("RMSprop", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "Lion", "ADOPT")],
 ]
 BAD_STEP_CASES = [pytest.param(case, name, id=f"{case.id}-{name}") for case in BAD_STEPS for name in case.names]
 
@@ -568,7 +581,9 @@ class BadLoad:
 
 
 def _other_optimizer(name: str) -> dict:
+    # One whose param_groups lack a key of ``name``'s.
     other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop",
+             "NAdam": "RMSprop", "RAdam": "SGD", "Adamax": "Adagrad", "Adadelta": "Adam",
              "ASGD": "Rprop", "Rprop": "ASGD", "Lion": "ASGD", "ADOPT": "Lion"}[name]
     return _trained(other).state_dict()
 
@@ -592,12 +607,14 @@ def _drop_hyperparameter(name: str) -> dict:
 
 
 BAD_LOADS = [
-    BadLoad("missing-slot", _edit_state(lambda s: s.pop(next(k for k in s if k != "step"))),
+    BadLoad("missing-slot", _edit_state(lambda s: s.pop(next(k for k in s if k not in SCALAR_STATE_KEYS))),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]",
             # torch.optim.SGD creates its momentum buffer lazily: a state without one is valid;
             # Lion's only state is its slot: without it the state is empty, i.e. not started.
-            names=("Adam", "AdamW", "RMSprop", "Adagrad", "ASGD", "Rprop", "ADOPT")),
-    BadLoad("slot-shape", _edit_state(lambda s: s.update({k: torch.zeros(3) for k in s if k != "step"})),
+            names=tuple(name for name in NAMES if name not in ("SGD", "Lion"))),
+    BadLoad("missing-scalar-state", _edit_state(lambda s: s.pop(next(k for k in s if k in SCALAR_STATE_KEYS))),
+            r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]", names=COUNTING),
+    BadLoad("slot-shape", _edit_state(lambda s: s.update({k: torch.zeros(3) for k in s if k not in SCALAR_STATE_KEYS})),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\]: state\['\w+'\] has shape \[3\] "
             r"but the param has shape \[2, 2\]"),
     BadLoad("other-optimizer", _other_optimizer, r"the loaded param_groups\[0\] has no \[.+\] \(the state_dict "
@@ -621,23 +638,25 @@ def test_bad_load_state_dict_changes_nothing(case, name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ("Adam", "RMSprop", "Adagrad", "ASGD", "Rprop"))
-def test_load_state_dict_with_step_as_number_like_torch(name, backend):
-    """Older checkpoints hold steps (and ASGD's eta and mu) as numbers; torch.optim converts them."""
+@pytest.mark.parametrize("name", ("Adam", "RMSprop", "Adagrad", "NAdam", "ASGD", "Rprop"))
+def test_load_state_dict_with_scalar_states_as_numbers_like_torch(name, backend):
+    """Older checkpoints hold steps (and NAdam's mu_product, ASGD's eta and
+    mu) as numbers; torch.optim converts them."""
     sd = _trained(name).state_dict()
-    scalar_states = getattr(fastopt, name)._scalar_states
+    keys = getattr(fastopt, name)._scalar_states
     for state in sd["state"].values():
-        for key in scalar_states:
-            state[key] = int(state[key].item()) if key == "step" else state[key].item()
+        state["step"] = int(state["step"].item())
+        for key in keys[1:]:
+            state[key] = state[key].item()
     opt, torch_opt = _trained(name, backend), _trained(name)
     opt.load_state_dict(copy.deepcopy(sd))
     torch_opt.load_state_dict(copy.deepcopy(sd))
     for p, t in zip(opt.param_groups[1]["params"], torch_opt.param_groups[1]["params"]):
-        for key in scalar_states:
-            value, torch_value = opt.state[p][key], torch_opt.state[t][key]
-            assert isinstance(value, Tensor) and value.dtype == torch_value.dtype, key
-            assert value.item() == torch_value.item(), key
         assert opt.state[p]["step"].item() == 2.0
+        for key in keys:
+            value, torch_value = opt.state[p][key], torch_opt.state[t][key]
+            assert isinstance(value, Tensor) and value.dtype == torch_value.dtype
+            assert value.item() == torch_value.item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

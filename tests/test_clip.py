@@ -441,7 +441,8 @@ def test_clipped_steps_are_bit_identical_across_thread_counts():
 
 # -- the keyword --------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls", [fastopt.Adam, fastopt.AdamW, fastopt.SGD, fastopt.RMSprop, fastopt.Adagrad])
+@pytest.mark.parametrize("cls", list(dict.fromkeys(case.fastopt_cls for case in OPTIMIZERS)),
+                         ids=lambda cls: cls.__name__)
 def test_max_grad_norm_keyword(cls):
     params = [torch.nn.Parameter(torch.randn(4))]
     assert cls(params).max_grad_norm is None

@@ -87,6 +87,8 @@ OPTION_CASES = [
     ("rmsprop-centered", {"master_weights": True, "state_dtype": torch.bfloat16, "max_grad_norm": 0.3},
      torch.float16),
     ("adagrad-lr_decay", {"stochastic_rounding": True, "max_grad_norm": 0.3}, torch.bfloat16),
+    ("nadam-weight_decay-momentum_decay", {"master_weights": True, "max_grad_norm": 0.3}, torch.bfloat16),
+    ("adadelta-eps", {"state_dtype": torch.bfloat16}, torch.float32),
 ]
 TRAINING_CASES = [(case.id, {}, torch.float32) for case in OPTIMIZERS] + OPTION_CASES
 
@@ -235,6 +237,17 @@ def _op_samples():
                 maximize=False, **extras))
     yield (ops.adagrad_, (tensors(), tensors(), positive(), steps()),
            dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, maximize=False))
+    mu_products = [torch.ones(()) for _ in shapes]
+    yield (ops.nadam_, (tensors(), tensors(), tensors(), positive(), steps(), mu_products),
+           dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, momentum_decay=4e-3,
+                decoupled_weight_decay=False, maximize=True, **extras))
+    yield (ops.radam_, (tensors(), tensors(), tensors(), positive(), steps()),
+           dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True,
+                maximize=False, **extras))
+    yield (ops.adamax_, (tensors(), tensors(), tensors(), positive(), steps()),
+           dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, maximize=False, **extras))
+    yield (ops.adadelta_, (tensors(), tensors(), positive(), positive(), steps()),
+           dict(lr=0.0, rho=0.9, eps=1e-6, weight_decay=0.1, maximize=False, **extras))
     yield ops.roofline_, (tensors(), tensors(), tensors()), {}
     yield ops.grad_sq_norm, (tensors(),), {}
 

@@ -13,6 +13,7 @@ scalars (double pow) may differ in a last bit, so tolerances stay.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -136,8 +137,11 @@ def test_unaligned_views(case_id):
     assert_runs_match(results[0], results[1], K_FUSED_VS_REFERENCE, torch.float32)
 
 
+# radam-default: the replayed steps 4-8 cross into the rectified update (step 6).
 GRAPH_CASES = ["adam-default", "adamw-amsgrad-maximize", "sgd-nesterov-weight_decay",
-               "rmsprop-centered-momentum-weight_decay", "adagrad-lr_decay"]
+               "rmsprop-centered-momentum-weight_decay", "adagrad-lr_decay",
+               "nadam-decoupled_weight_decay-maximize", "radam-default", "adamax-weight_decay",
+               "adadelta-rho-weight_decay"]
 
 
 @pytest.mark.parametrize("case_id", [c for c in GRAPH_CASES if c in OPTIMIZERS_BY_ID])
@@ -148,7 +152,7 @@ def test_cuda_graph_replay_equals_eager(case_id):
     case = OPTIMIZERS_BY_ID[case_id]
     kwargs = case.make_kwargs()
     lr_value = float(kwargs.pop("lr", 1e-2))
-    if case.fastopt_cls in (fastopt.Adam, fastopt.AdamW, fastopt.RMSprop):
+    if "capturable" in inspect.signature(case.torch_cls).parameters:
         kwargs["capturable"] = True
     shape = ShapeCase("graph", ((1023,), (37, 13), (65536 + 3,)))
     grads = [[torch.randn(s, generator=torch.Generator().manual_seed(step * 7 + i)).cuda()

@@ -45,6 +45,10 @@ FSDP2_CASES = {
     "sgd-nesterov": ("SGD", {"lr": 5e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0731}),
     "rmsprop-centered-momentum": ("RMSprop", {"lr": 1e-2, "centered": True, "momentum": 0.5}),
     "adagrad": ("Adagrad", {"lr": 1e-1, "lr_decay": 0.05}),
+    "nadamw": ("NAdam", {"lr": 5e-2, "weight_decay": 0.0731, "decoupled_weight_decay": True}),
+    "radam": ("RAdam", {"lr": 5e-2, "weight_decay": 0.0731}),
+    "adamax": ("Adamax", {"lr": 5e-2}),
+    "adadelta": ("Adadelta", {"lr": 1.0, "eps": 1e-3}),
     "asgd": ("ASGD", {"lr": 5e-2, "t0": 1, "weight_decay": 0.0731}),
     # No Rprop: torch.optim.Rprop cannot step FSDP2's sharded DTensors (its
     # masked assignments are index_put_, which DTensor refuses in place).
@@ -269,9 +273,9 @@ def _scenario_fsdp2(rank: int, tmpdir: Path, case: str, backend: str) -> None:
     assert all(isinstance(p, DTensor) for p in params)
     _assert_moved(torch_params, list(_fsdp2_model(mesh).parameters()), "params")
     _assert_close(params, torch_params, "params")
-    for p in params:
+    for p in params:  # slots are DTensors as in torch.optim, scalar states (step, ...) plain tensors
         for key, value in optimizer.state[p].items():
-            if key not in optimizer._scalar_states:  # step, ASGD's eta and mu: plain 0-dim tensors
+            if key not in type(optimizer)._scalar_states:
                 assert isinstance(value, DTensor) and value.placements == p.placements, key
     _assert_close(_state_tensors(optimizer, params), _state_tensors(torch_opt, torch_params),
                   f"state ({sorted(optimizer.state[params[0]])})")
@@ -280,8 +284,7 @@ def _scenario_fsdp2(rank: int, tmpdir: Path, case: str, backend: str) -> None:
     # torch.optim's DTensor ops, so it would see fastopt's.
     assert torch_ops.dtensor_ops, "the recorder missed torch.optim's DTensor ops"
     assert ops.dtensor_ops == [], f"ops on DTensors in a fastopt step: {ops.dtensor_ops}"
-    op_name = {"AdamW": "adam_", "Adam": "adam_"}.get(name, name.lower() + "_")
-    expected = [f"fastopt.{op_name}.default"] if backend == "fused" else []
+    expected = [f"fastopt.{type(optimizer)._op}_.default"] if backend == "fused" else []
     assert ops.fastopt_ops == expected
 
 

@@ -167,11 +167,22 @@ OP_SPECS = {
     "adopt_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
                dict(lr=1e-2, beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=0.01, decoupled_weight_decay=False,
                     clip_normalized_grad=True, maximize=False)),
+    "nadam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "mu_products"],
+               dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, momentum_decay=4e-3,
+                    decoupled_weight_decay=False, maximize=False)),
+    "radam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
+               dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled_weight_decay=True,
+                    maximize=False)),
+    "adamax_": (["params", "grads", "exp_avgs", "exp_infs", "state_steps"],
+                dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)),
+    "adadelta_": (["params", "grads", "square_avgs", "acc_deltas", "state_steps"],
+                  dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01, maximize=False)),
 }
-# Per-tensor scalar-state lists (one-element float tensors) and their value in
-# the valid calls: ASGD's eta and mu as a previous step left them (mu < 1:
-# the average moves).
-SCALAR_STATE_VALUES = {"state_steps": 3.0, "etas": 0.05, "mus": 0.5}
+# The per-tensor scalar-state lists of the ops (one-element float tensors) and
+# the value each holds in the valid calls: steps after 3 steps, NAdam's
+# mu_product then (~0.45^3), ASGD's eta and mu as a previous step left them
+# (mu < 1: the average moves).
+SCALAR_STATE_VALUES = {"state_steps": 3.0, "mu_products": 0.1, "etas": 0.05, "mus": 0.5}
 OP_SHAPES = [(5,), (3, 4), (7,)]  # the bad entry is always the last one, index 2
 KERNELS = {"fused": lambda: torch.ops.fastopt, "reference": lambda: reference}
 
@@ -184,8 +195,9 @@ def _op_lists(op: str, dtype=torch.float32) -> dict[str, list[torch.Tensor]]:
             lists[name] = [torch.tensor(SCALAR_STATE_VALUES[name]) for _ in OP_SHAPES]
         else:
             values = [torch.randn(shape, generator=generator).to(dtype) for shape in OP_SHAPES]
-            # Second moments and step sizes must be positive, and square_avg >= grad_avg**2.
-            positive = ("exp_avg_sqs", "square_avgs", "state_sums", "step_sizes")
+            # Second moments, Adamax's infinity norm, Adadelta's accumulated
+            # updates and Rprop's step sizes must be positive, and square_avg >= grad_avg**2.
+            positive = ("exp_avg_sqs", "square_avgs", "state_sums", "exp_infs", "acc_deltas", "step_sizes")
             lists[name] = [v.abs() + 1 if name in positive else v for v in values]
     if "max_exp_avg_sqs" in lists:  # below exp_avg_sq, so that the call raises it
         lists["max_exp_avg_sqs"] = [v * 0.5 for v in lists["exp_avg_sqs"]]
@@ -379,7 +391,7 @@ def test_strided_param_leaves_gaps_alone(case, backend):
 
 # -- (e) backend selection ---------------------------------------------------------------
 
-FASTOPT_CLASSES = [fastopt.Adam, fastopt.AdamW, fastopt.SGD, fastopt.RMSprop, fastopt.Adagrad]
+FASTOPT_CLASSES = list(dict.fromkeys(case.fastopt_cls for case in OPTIMIZERS))
 
 
 def _params():
@@ -394,7 +406,7 @@ def _step(optimizer, steps=1):
         optimizer.step()
 
 
-REFERENCE_OPS = ("adam_", "sgd_", "rmsprop_", "adagrad_")
+REFERENCE_OPS = tuple(dict.fromkeys(f"{cls._op}_" for cls in FASTOPT_CLASSES))
 
 
 @pytest.fixture

@@ -40,9 +40,9 @@ bounds asserted:
   meaningful: <= 3.3).  See ``torch_float16_is_meaningful`` for why float16
   is compared this way only for some optimizers.
 
-The step counts are compared exactly.  ``test_params_move`` checks that the
-updates are far larger than these tolerances, so that none of them could hide
-a missing update.
+The scalar states (step counts, NAdam's mu_product) are compared exactly.
+``test_params_move`` checks that the updates are far larger than these
+tolerances, so that none of them could hide a missing update.
 """
 from __future__ import annotations
 
@@ -88,11 +88,12 @@ BACKENDS = ["fused", "reference"]
 
 def torch_float16_is_meaningful(case) -> bool:
     """Whether torch.optim computing in float16 is a useful (loose) oracle:
-    not for Adam / AdamW / RMSprop, whose ``(1 - beta2) * g * g`` falls into
-    float16's subnormal range, nor for Adagrad with weight decay, whose
+    not for Adam / AdamW / RMSprop / NAdam / RAdam, whose ``(1 - beta2) * g * g``
+    falls into float16's subnormal range, nor for Adagrad with weight decay, whose
     ``eps = 1e-10`` is 0 in float16 so that a ``g + wd * p`` that cancels
     exactly gives 0 / 0."""
-    return case.id.startswith("sgd") or (case.id.startswith("adagrad") and not case.kwargs.get("weight_decay"))
+    return (case.id.startswith(("sgd", "adamax", "adadelta"))
+            or (case.id.startswith("adagrad") and not case.kwargs.get("weight_decay")))
 
 
 # -- runs (cached: each is shared by several comparisons) ----------------------
@@ -189,7 +190,7 @@ def assert_runs_match(actual: Run, expected: Run, k: float, dtype: torch.dtype,
     for key, expected_value in expected.values.items():
         value = actual.values[key]
         if key in SCALAR_STATE_KEYS:
-            torch.testing.assert_close(value, expected_value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(value, expected_value, rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
             continue
         assert value.dtype == dtype, f"{key}: dtype {value.dtype}, expected {dtype}"
         if check_state_dtype:
@@ -308,6 +309,10 @@ GROUP_OPTIONS = {
     "SGD": {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.0517},
     "RMSprop": {"lr": 5e-3, "centered": True, "alpha": 0.9},
     "Adagrad": {"lr": 0.05, "lr_decay": 0.1},
+    "NAdam": {"lr": 2e-2, "weight_decay": 0.0517, "decoupled_weight_decay": True, "momentum_decay": 0.0123},
+    "RAdam": {"lr": 2e-2, "betas": (0.8, 0.9), "weight_decay": 0.0517},
+    "Adamax": {"lr": 2e-2, "betas": (0.8, 0.95), "maximize": True},
+    "Adadelta": {"lr": 2.0, "rho": 0.8, "weight_decay": 0.0517},
 }
 
 

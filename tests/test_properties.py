@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 import torch
 
-from registry import (DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, SCALAR_STATE_KEYS, clone_params, random_values,
-                      with_layout)
+from registry import (DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, SCALAR_STATE_KEYS, clone_params,
+                      random_values, with_layout)
 from test_parity import K_FUSED_VS_REFERENCE, K_LOW_PRECISION, K_VS_TORCH, Run, record, rms
 
 import fastopt
@@ -96,6 +96,32 @@ def adagrad_kwargs(draw) -> dict[str, Any]:
 
 
 @st.composite
+def nadam_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), momentum_decay=draw(st.floats(0.0, 0.1)),
+                decoupled_weight_decay=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
+@st.composite
+def radam_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), decoupled_weight_decay=draw(st.booleans()),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def adamax_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.0, 0.9999))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
+
+
+@st.composite
+def adadelta_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(st.floats(1e-2, 2.0)), rho=draw(st.floats(0.0, 1.0)), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
+
+
+@st.composite
 def asgd_kwargs(draw) -> dict[str, Any]:
     # t0 small enough that mu averages within the few steps, or torch's default.
     return dict(lr=draw(LR), lambd=draw(st.floats(0.0, 0.1)), alpha=draw(st.floats(0.1, 1.0)),
@@ -129,6 +155,10 @@ OPTIMIZERS = {
     "SGD": (fastopt.SGD, torch.optim.SGD, sgd_kwargs()),
     "RMSprop": (fastopt.RMSprop, torch.optim.RMSprop, rmsprop_kwargs()),
     "Adagrad": (fastopt.Adagrad, torch.optim.Adagrad, adagrad_kwargs()),
+    "NAdam": (fastopt.NAdam, torch.optim.NAdam, nadam_kwargs()),
+    "RAdam": (fastopt.RAdam, torch.optim.RAdam, radam_kwargs()),
+    "Adamax": (fastopt.Adamax, torch.optim.Adamax, adamax_kwargs()),
+    "Adadelta": (fastopt.Adadelta, torch.optim.Adadelta, adadelta_kwargs()),
     "ASGD": (fastopt.ASGD, torch.optim.ASGD, asgd_kwargs()),
     "Rprop": (fastopt.Rprop, torch.optim.Rprop, rprop_kwargs()),
     "Lion": (fastopt.Lion, oracles.Lion, lion_kwargs()),
@@ -234,7 +264,7 @@ def assert_close_along_the_way(actual: Run, expected: Run, largest: dict[str, to
     typical size; here a run can be one element that ends near 0 by
     cancellation (a param of 1e-2 moved by lr-sized steps to 4e-4), where an
     ulp of the operands is many ulps of the result.  Non-finite elements must
-    match exactly; step counts must be identical."""
+    match exactly; scalar states (step counts, ...) must be identical."""
     assert actual.keys == expected.keys, f"{what}: state keys differ"
     for key, e in expected.values.items():
         a = actual.values[key]

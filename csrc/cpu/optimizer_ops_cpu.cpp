@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../optimizer_table.h"
 #include "../rules/roofline.h"
 #include "step_cpu.h"
 

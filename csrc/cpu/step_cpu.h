@@ -2,7 +2,8 @@
 // for the element loop (multi_tensor_apply.h), advance the per-tensor
 // scalar states (step counts, ...), derive per-tensor scalars and run one
 // rule.  Included by the generated translation unit of each optimizer
-// (Note [The optimizer table]), which instantiates cpu::step for it.
+// (Note [The optimizer table]), which includes that optimizer's rule header
+// only and instantiates cpu::step for it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,7 +13,6 @@
 #include <utility>
 #include <vector>
 
-#include "../optimizer_table.h"
 #include "../step_ops.h"
 #include "../validate.h"
 #include "multi_tensor_apply.h"

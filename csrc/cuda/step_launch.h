@@ -6,7 +6,6 @@
 
 #include <cstdint>
 
-#include "../optimizer_table.h"
 #include "../rules/common.h"
 
 struct CUstream_st;  // cudaStream_t, without the CUDA runtime headers

@@ -293,6 +293,21 @@ std::vector<Variant> variants() {
     }
   }
   out.push_back(optimizer_variant<rules::AdagradOptimizer>({0.1, 0.01, 0.1, 1e-10}));
+  for (bool decoupled : {false, true}) {
+    out.push_back(optimizer_variant<rules::NadamOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1, 4e-3, decoupled}));
+    out.push_back(optimizer_variant<rules::RadamOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1, decoupled}));
+  }
+  out.push_back(optimizer_variant<rules::AdamaxOptimizer>({lr, 0.9, 0.999, 1e-8, 0.1}));
+  out.push_back(optimizer_variant<rules::AdadeltaOptimizer>({1.0, 0.9, 1e-6, 0.1}));
+  // eta starts at lr and mu at 1; t0 = 2 makes mu fall below 1 within the calls.
+  out.push_back(optimizer_variant<rules::AsgdOptimizer>({lr, 1e-2, 0.75, 2.0, 0.1}, {0.0, lr, 1.0}));
+  out.push_back(optimizer_variant<rules::RpropOptimizer>({lr, 0.5, 1.2, 1e-6, 50.0}));
+  out.push_back(optimizer_variant<rules::LionOptimizer>({1e-3, 0.9, 0.99, 0.1}));
+  for (bool decoupled : {false, true}) {
+    for (bool clip : {false, true}) {
+      out.push_back(optimizer_variant<rules::AdoptOptimizer>({lr, 0.9, 0.9999, 1e-6, 0.1, decoupled, clip}));
+    }
+  }
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
