@@ -46,7 +46,9 @@ FSDP2_CASES = {
     "rmsprop-centered-momentum": ("RMSprop", {"lr": 1e-2, "centered": True, "momentum": 0.5}),
     "adagrad": ("Adagrad", {"lr": 1e-1, "lr_decay": 0.05}),
     "nadamw": ("NAdam", {"lr": 5e-2, "weight_decay": 0.0731, "decoupled_weight_decay": True}),
-    "radam": ("RAdam", {"lr": 5e-2, "weight_decay": 0.0731}),
+    # RAdam's first steps are unrectified (lr times the averaged grad, not
+    # normalized), so a larger lr for every param to move visibly.
+    "radam": ("RAdam", {"lr": 0.5, "weight_decay": 0.0731}),
     "adamax": ("Adamax", {"lr": 5e-2}),
     "adadelta": ("Adadelta", {"lr": 1.0, "eps": 1e-3}),
     "asgd": ("ASGD", {"lr": 5e-2, "t0": 1, "weight_decay": 0.0731}),

@@ -69,13 +69,20 @@ def test_float32_state_for_bfloat16_params_matches_torch(case_id, backend, devic
         oracle = case.make_torch(oracle_params)
         train(fast, params, GradientFeed(GRAD_SEED, dtype=torch.bfloat16))
         train(oracle, oracle_params, GradientFeed(GRAD_SEED, dtype=torch.bfloat16), round_params_to=torch.bfloat16)
+        # The float32 state is held to 1/64 of a bfloat16 ulp, but params may
+        # round one bfloat16 ulp apart (allowed above), and L2 weight decay
+        # carries that into the state (g + wd * p): up to (1 - beta1) * wd of a
+        # param ulp per step, which RAdam / Adamax with wd 0.0731 reach on one
+        # element in ~32K.  So with L2 weight decay the state gets 1/16.
+        l2_decay = case.kwargs.get("weight_decay") and not (
+            case.kwargs.get("decoupled_weight_decay") or case.fastopt_cls.__name__ in ("AdamW", "Lion"))
+        state_k = K_LOW_PRECISION * 2**-8 / 2**-23 / (16 if l2_decay else 64)
         for p, q in zip(params, oracle_params):
             assert p.dtype == torch.bfloat16
             assert_close_to(p.detach(), q.detach(), K_LOW_PRECISION, torch.bfloat16, "param")
             for key, value in slots_of(fast, p).items():
                 assert value.dtype == torch.float32, key
-                assert_close_to(value, oracle.state[q][key], K_LOW_PRECISION * 2**-8 / 2**-23 / 64,
-                                torch.float32, key)
+                assert_close_to(value, oracle.state[q][key], state_k, torch.float32, key)
 
 
 @pytest.mark.parametrize("device", DEVICES)
