@@ -43,6 +43,8 @@ def _fastopt(backend: str) -> Callable[[OptimizerSpec, list[Tensor]], Step]:
 
 
 def _torch_optimizer(spec: OptimizerSpec, params: list[Tensor], flags: dict) -> torch.optim.Optimizer:
+    if not hasattr(torch.optim, spec.cls):
+        raise Unsupported(f"torch.optim has no {spec.cls}")
     try:
         return getattr(torch.optim, spec.cls)(params, **spec.options, **flags)
     except TypeError as error:  # e.g. RMSprop takes no `fused`

@@ -46,6 +46,8 @@ SPECS: dict[str, OptimizerSpec] = {
                       max_grad_norm=1.0),
         OptimizerSpec("asgd", "ASGD", "ASGD", {"lr": 1e-3}, 1),
         OptimizerSpec("rprop", "Rprop", "Rprop", {"lr": 1e-3}, 2),
+        OptimizerSpec("lion", "Lion", "Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1),
+        OptimizerSpec("adopt", "ADOPT", "ADOPT", {"lr": 1e-3}, 2),
     )
 }
 
