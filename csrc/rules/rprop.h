@@ -51,12 +51,16 @@ struct Rprop {
     // The product, not the signs' product: torch decides on the rounded product
     // (one that underflows to 0 keeps the step size).
     const T agreement = grad * prev;
-    const T factor = agreement > T(0) ? s.etaplus : (agreement < T(0) ? s.etaminus : T(1));
+    const bool sign_change = agreement < T(0);
+    // Two flat selects, not nested ones: the same values, but GCC if-converts
+    // and vectorizes these (the nested form kept the CPU loop scalar).
+    T factor = agreement > T(0) ? s.etaplus : T(1);
+    factor = sign_change ? s.etaminus : factor;
     // torch's clamp_(min, max) = min(max(x, min), max): a NaN stays NaN, min > max gives max.
     const T scaled = step_size * factor;
     const T at_least_min = scaled < s.step_size_min ? s.step_size_min : scaled;
     step_size = at_least_min > s.step_size_max ? s.step_size_max : at_least_min;
-    grad = agreement < T(0) ? T(0) : grad;
+    grad = sign_change ? T(0) : grad;
     param = param - sign(grad) * step_size;
     prev = grad;
   }
