@@ -19,7 +19,7 @@ from .workloads import WORKLOADS
 DEFAULT_WORKLOADS = ("overhead", "4000x1000", "lora", "flat", "resnet50", "gpt2-124m", "gpt2-xl")
 DEFAULT_DTYPES = ("fp32", "bf16")
 DEFAULT_IMPLS = ("roofline", "fastopt-fused", "fastopt-reference", "torch-forloop", "torch-foreach",
-                 "torch-fused", "deepspeed", "apex")
+                 "torch-fused", "pypi", "deepspeed", "apex")
 QUICK = {
     "workloads": ("4000x1000",),
     "optimizers": ("adam", "sgd-momentum"),

@@ -13,6 +13,7 @@ implementations run torch's recipe (``scaler.unscale_``, ``clip_grad_norm_``,
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ Step = Callable[[], object]
 
 FASTOPT_IMPLS = ("fastopt-fused", "fastopt-reference")
 TORCH_IMPLS = ("torch-forloop", "torch-foreach", "torch-fused")
-IMPLS = FASTOPT_IMPLS + TORCH_IMPLS + ("deepspeed", "apex", "roofline")
+IMPLS = FASTOPT_IMPLS + TORCH_IMPLS + ("pypi", "deepspeed", "apex", "roofline")
 # Implementations that need the compiled fastopt extension.
 NEEDS_EXTENSION = ("fastopt-fused", "roofline")
 
@@ -146,6 +147,30 @@ def _apex(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     return optimizer.step
 
 
+# The published implementation of each optimizer torch.optim lacks: (module,
+# class, options renamed to its arguments).  Test extras (pyproject.toml),
+# never fastopt's dependencies.
+PYPI = {
+    "AdaBound": ("adabound", "AdaBound", {}),
+    "QHAdam": ("qhoptim.pyt", "QHAdam", {}),
+    "AggMo": ("pytorch_optimizer", "AggMo", {}),
+    "Lion": ("lion_pytorch", "Lion", {}),
+    "ADOPT": ("pytorch_optimizer", "ADOPT", {"decouple": "weight_decouple"}),
+}
+
+
+def _pypi(spec: OptimizerSpec, params: list[Tensor]) -> Step:
+    """The optimizer's published PyPI implementation, where one is installed."""
+    if spec.cls not in PYPI:
+        raise Unsupported(f"no PyPI implementation of {spec.label} is benchmarked")
+    module, name, renames = PYPI[spec.cls]
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise Unsupported(f"{module} is not installed ({error})") from None
+    return cls(params, **{renames.get(k, k): v for k, v in spec.options.items()}).step
+
+
 def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     """torch.ops.fastopt.roofline_bound_ over the same params and grads with K
     fresh slots per param (K = the optimizer's state tensors per param), bound
@@ -160,6 +185,7 @@ BUILDERS: dict[str, Callable[[OptimizerSpec, list[Tensor]], Step]] = {
     "fastopt-fused": _fastopt("fused"),
     "fastopt-reference": _fastopt("reference"),
     **{impl: _torch(**flags) for impl, flags in TORCH_FLAGS.items()},
+    "pypi": _pypi,
     "deepspeed": _deepspeed,
     "apex": _apex,
     "roofline": _roofline,

@@ -48,11 +48,15 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("rprop", "Rprop", "Rprop", {"lr": 1e-3}, 2),
         OptimizerSpec("lion", "Lion", "Lion", {"lr": 1e-4, "weight_decay": 1e-2}, 1),
         OptimizerSpec("adopt", "ADOPT", "ADOPT", {"lr": 1e-3}, 2),
+        OptimizerSpec("adabound", "AdaBound", "AdaBound", {"lr": 1e-3}, 2),
+        OptimizerSpec("qhadam", "QHAdam", "QHAdam", {"lr": 1e-3, "nus": (0.7, 1.0)}, 2),
+        OptimizerSpec("aggmo", "AggMo", "AggMo", {"lr": 1e-3}, 3),
     )
 }
 
 # Plain SGD (no state) and the optimizers added after the first five are
-# available with --optimizers but not run by default (Lion and ADOPT have no
-# torch.optim baseline; their report rows compare with the roofline only).
+# available with --optimizers but not run by default (Lion, ADOPT, AdaBound,
+# QHAdam and AggMo have no torch.optim baseline: their rows compare with the
+# roofline and with the published package, impl `pypi`, where installed).
 DEFAULT_OPTIMIZERS = ("adam", "adam-amsgrad", "adamw", "sgd-momentum", "sgd-nesterov", "rmsprop",
                       "rmsprop-centered-momentum", "adagrad", "adam-pipeline")

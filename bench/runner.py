@@ -124,6 +124,7 @@ def _row(config: Config, impl: str, spec: OptimizerSpec, workload: Workload, dty
         "roofline_fraction": None,
         "copy_bw_fraction": None,
         "speedup_vs_torch": None,
+        "speedup_vs_pypi": None,
         "peak_extra_mib": _mib(measured.peak_extra_bytes),
     }
 
@@ -203,16 +204,19 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
 
 
 def _derive(rows: list[dict[str, Any]]) -> None:
-    """Fills roofline_fraction and speedup_vs_torch within one
-    (workload, dtype, option set) group."""
+    """Fills roofline_fraction, speedup_vs_torch and speedup_vs_pypi within
+    one (workload, dtype, option set) group."""
     roofline = next((r["median_ms"] for r in rows if r["impl"] == "roofline"), None)
     torch_times = [r["median_ms"] for r in rows if r["impl"] in TORCH_IMPLS]
     best_torch = min(torch_times) if torch_times else None
+    pypi = next((r["median_ms"] for r in rows if r["impl"] == "pypi"), None)
     for r in rows:
         if roofline is not None:
             r["roofline_fraction"] = roofline / r["median_ms"]
         if best_torch is not None:
             r["speedup_vs_torch"] = best_torch / r["median_ms"]
+        if pypi is not None:
+            r["speedup_vs_pypi"] = pypi / r["median_ms"]
 
 
 def set_copy_fraction(rows: list[dict[str, Any]], copy_gbps: float | None) -> None:
