@@ -21,14 +21,18 @@
 // other places an optimizer lives (README, "Adding an optimizer").
 #pragma once
 
+#include "rules/adabound.h"
 #include "rules/adadelta.h"
 #include "rules/adagrad.h"
 #include "rules/adam.h"
 #include "rules/adamax.h"
 #include "rules/adopt.h"
+#include "rules/aggmo.h"
 #include "rules/asgd.h"
 #include "rules/lion.h"
+#include "rules/lookahead.h"
 #include "rules/nadam.h"
+#include "rules/qhadam.h"
 #include "rules/radam.h"
 #include "rules/rmsprop.h"
 #include "rules/rprop.h"
@@ -46,7 +50,11 @@
   X(asgd, AsgdOptimizer)         \
   X(rprop, RpropOptimizer)       \
   X(lion, LionOptimizer)         \
-  X(adopt, AdoptOptimizer)
+  X(adopt, AdoptOptimizer)       \
+  X(adabound, AdaboundOptimizer) \
+  X(qhadam, QhadamOptimizer)     \
+  X(aggmo, AggmoOptimizer)       \
+  X(lookahead, LookaheadOptimizer)
 
 namespace fastopt {
 

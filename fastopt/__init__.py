@@ -3,21 +3,26 @@
 ``fastopt.Adam, AdamW, RMSprop, SGD, Adagrad, NAdam, RAdam, Adamax,
 Adadelta, ASGD, Rprop`` take the arguments of their torch.optim namesakes
 and keep the same state, so ``state_dict`` moves both ways.
-``fastopt.Lion`` and ``fastopt.ADOPT`` (which torch.optim lacks) follow the
-same conventions.  ``fastopt.backends()`` reports which compiled kernels are loaded.
+``fastopt.Lion``, ``ADOPT``, ``AdaBound``, ``QHAdam`` and ``AggMo`` (which
+torch.optim lacks) follow the same conventions; ``fastopt.Lookahead`` wraps any
+optimizer.  ``fastopt.backends()`` reports which compiled kernels are loaded.
 ``fastopt.GradScaler`` is torch.amp.GradScaler with one pass over the grads
 before a step with ``max_grad_norm``.
 """
 from ._extension import backends
+from .adabound import AdaBound
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .adopt import ADOPT
+from .aggmo import AggMo
 from .amp import GradScaler
 from .asgd import ASGD
 from .lion import Lion
+from .lookahead import Lookahead
 from .nadam import NAdam
+from .qhadam import QHAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
@@ -25,5 +30,5 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
-           "Rprop", "Lion", "ADOPT", "GradScaler",
+           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "Lookahead", "GradScaler",
            "backends", "__version__"]

@@ -788,6 +788,143 @@ class BoundTensors:
                          {f"scalar_states{c}": states for c, states in enumerate(scalar_states)}, masters)
 
 
+@torch.no_grad()
+def adabound_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+              final_lr, base_lr, gamma, eps, weight_decay, amsbound, maximize, lr_tensor=None,
+              grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """AdaBound / AMSBound (csrc/rules/adabound.h)::
+
+        g = -g if maximize;  g += wd*p
+        m = beta1*m + (1 - beta1)*g;  v = beta2*v + (1 - beta2)*g*g;  v_max = max(v_max, v)
+        eta = clamp(lr*sqrt(1 - beta2^t)/(1 - beta1^t) / (sqrt(v or v_max) + eps), lower, upper)
+        p -= eta * m,   final = final_lr*lr/base_lr,
+        lower = final*(1 - 1/(gamma*t + 1)),  upper = final*(1 + 1/(gamma*t))
+    """
+    if not base_lr > 0:
+        raise RuntimeError("fastopt::adabound_: base_lr must be positive (final_lr is scaled by lr / base_lr)")
+    slots = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsbound:
+        slots["max_exp_avg_sqs"] = max_exp_avg_sqs
+    st = _Step("adabound_", params, grads, slots, {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    final = final_lr * lr / base_lr
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        lower = final * (1 - 1 / (gamma * step + 1))
+        upper = final * (1 + 1 / (gamma * step)) if gamma != 0 else math.inf
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        exp_avg.mul_(beta1).add_((1 - beta1) * g)
+        exp_avg_sq.mul_(beta2).add_((1 - beta2) * g * g)
+        second_moment = exp_avg_sq
+        if amsbound:
+            second_moment = st.load(max_exp_avg_sqs[i])
+            torch.maximum(second_moment, exp_avg_sq, out=second_moment)
+            _store(max_exp_avg_sqs[i], second_moment)
+        rate = torch.full_like(exp_avg, step_size).div_(second_moment.sqrt().add_(eps))
+        p.sub_(rate.clamp_(lower, upper).mul_(exp_avg))
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
+
+
+@torch.no_grad()
+def qhadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, nu1, nu2, eps,
+            weight_decay, decouple_weight_decay, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+            master_params=(), rounding_seed=None) -> None:
+    """QHAdam (csrc/rules/qhadam.h)::
+
+        g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
+        m += (1 - beta1)*(g - m);  v = beta2*v + (1 - beta2)*g*g
+        p -= lr * ((1 - nu1)*g + nu1/(1 - beta1^t)*m) / (sqrt((1 - nu2)*g*g + nu2/(1 - beta2^t)*v) + eps)
+    """
+    st = _Step("qhadam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    lr = st.lr
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            if decouple_weight_decay:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        exp_avg.add_(g - exp_avg, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        numerator = (1 - nu1) * g + (nu1 / (1 - beta1**step)) * exp_avg
+        denom = ((1 - nu2) * (g * g) + (nu2 / (1 - beta2**step)) * exp_avg_sq).sqrt_().add_(eps)
+        p.add_(numerator / denom, alpha=-lr)
+        st.store_param(i, param, p)
+        _store(exp_avgs[i], exp_avg)
+        _store(exp_avg_sqs[i], exp_avg_sq)
+
+
+@torch.no_grad()
+def aggmo_(params, grads, momentum_buffers_0, momentum_buffers_1, momentum_buffers_2, *, lr, beta1, beta2,
+           beta3, num_betas, weight_decay, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+           master_params=(), rounding_seed=None) -> None:
+    """AggMo (csrc/rules/aggmo.h), K = num_betas buffers::
+
+        g = -g if maximize;  g += wd*p
+        for each k < K:  b_k = beta_k*b_k + g;  p += -(lr/K) * b_k
+    """
+    if num_betas not in (1, 2, 3):
+        raise RuntimeError("fastopt::aggmo_: num_betas must be 1, 2 or 3 (one state slot per beta)")
+    count = int(num_betas)
+    buffers = (momentum_buffers_0, momentum_buffers_1, momentum_buffers_2)[:count]
+    betas = (beta1, beta2, beta3)[:count]
+    st = _Step("aggmo_", params, grads, {f"momentum_buffers_{k}": buffers[k] for k in range(count)}, {},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    neg_step_size = -(st.lr / count)
+    for i, param in enumerate(params):
+        p = st.param(i, param)
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        for beta, buffer_list in zip(betas, buffers):
+            buf = st.load(buffer_list[i])
+            buf.mul_(beta).add_(g)
+            p.add_(neg_step_size * buf)
+            _store(buffer_list[i], buf)
+        st.store_param(i, param, p)
+
+
+@torch.no_grad()
+def lookahead_(params, grads, slow_params, *, lr, alpha, maximize, lr_tensor=None, grad_scale=None,
+               found_inf=None, master_params=(), rounding_seed=None) -> None:
+    """Lookahead's synchronization (csrc/rules/lookahead.h), grads unused (the
+    caller passes the params)::
+
+        slow += alpha * (fast - slow);  fast = slow
+    """
+    st = _Step("lookahead_", params, grads, {"slow_params": slow_params}, {},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed)
+    if st.skip:
+        return
+    for i, param in enumerate(params):
+        p, slow = st.param(i, param), st.load(slow_params[i])
+        slow.add_(alpha * (p - slow))
+        p.copy_(slow)
+        st.store_param(i, param, p)
+        _store(slow_params[i], slow)
+
+
 def _bound_step(op: str, bound: BoundTensors, **hyper) -> None:
     """The bound op of list op ``op``: the bound lists (of params with a grad)
     passed in op order, as csrc/bound_ops.cpp does."""

@@ -20,6 +20,8 @@ classes to them element-wise, and skips when they are missing):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -124,3 +126,156 @@ class ADOPT(_ForLoop):
         exp_avg.lerp_(normed_grad, 1 - beta1)
         p.add_(exp_avg, alpha=-lr)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+class AdaBound(_ForLoop):
+    """AdaBound / AMSBound (Luo et al., ICLR 2019) as the authors' ``adabound``
+    package steps it (the code of the paper's experiments), with its
+    arguments and errors, plus ``maximize``; ``base_lr`` (the lr the bounds
+    scale with) is a param_groups key, where the package keeps a list."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), final_lr=0.1, gamma=1e-3, eps=1e-8,
+                 weight_decay=0, amsbound=False, *, foreach=None, maximize=False, differentiable=False):
+        _check_like_adam(lr, betas, weight_decay, eps)
+        if not 0.0 < lr:
+            raise ValueError(f"Invalid learning rate: {lr} (AdaBound scales final_lr by lr / initial lr)")
+        if not 0.0 <= final_lr:
+            raise ValueError(f"Invalid final learning rate: {final_lr}")
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"Invalid gamma parameter: {gamma}")
+        super().__init__(params, dict(lr=lr, betas=betas, final_lr=final_lr, gamma=gamma, eps=eps,
+                                      weight_decay=weight_decay, amsbound=amsbound, maximize=maximize,
+                                      foreach=foreach, differentiable=differentiable))
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self.param_groups[-1].setdefault("base_lr", _value(self.param_groups[-1]["lr"]))
+
+    def _update(self, group, p, grad, state):
+        lr, (beta1, beta2) = _value(group["lr"]), group["betas"]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsbound"] else ()):
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        p, grad, exp_avg, exp_avg_sq = _real(p, grad, state["exp_avg"], state["exp_avg_sq"])
+        state["step"] += 1
+        step = state["step"].item()
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if group["amsbound"]:
+            (max_exp_avg_sq,) = _real(state["max_exp_avg_sq"])
+            torch.max(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            denom = max_exp_avg_sq.sqrt().add_(group["eps"])
+        else:
+            denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        final_lr = group["final_lr"] * lr / group["base_lr"]
+        lower_bound = final_lr * (1 - 1 / (group["gamma"] * step + 1))
+        upper_bound = final_lr * (1 + 1 / (group["gamma"] * step)) if group["gamma"] != 0 else math.inf
+        p.add_(-torch.full_like(denom, step_size).div_(denom).clamp_(lower_bound, upper_bound).mul_(exp_avg))
+
+
+class QHAdam(_ForLoop):
+    """QHAdam (Ma & Yarats, ICLR 2019) as the paper's update writes it, with
+    Adam's state (raw moments, bias-corrected at use), and the arguments and
+    errors of the authors' ``qhoptim`` package (which keeps bias-corrected
+    moments instead: the same update up to rounding), plus ``maximize``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), weight_decay=0.0,
+                 decouple_weight_decay=False, eps=1e-8, *, foreach=None, maximize=False,
+                 differentiable=False):
+        _check_like_adam(lr, betas, weight_decay, eps)
+        for index, nu in enumerate(nus):
+            if not 0.0 <= nu <= 1.0:
+                raise ValueError(f"Invalid nu parameter at index {index}: {nu}")
+        super().__init__(params, dict(lr=lr, betas=betas, nus=nus, weight_decay=weight_decay,
+                                      decouple_weight_decay=decouple_weight_decay, eps=eps,
+                                      maximize=maximize, foreach=foreach, differentiable=differentiable))
+
+    def _update(self, group, p, grad, state):
+        lr, (beta1, beta2), (nu1, nu2) = _value(group["lr"]), group["betas"], group["nus"]
+        wd = group["weight_decay"]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        p, grad, exp_avg, exp_avg_sq = _real(p, grad, state["exp_avg"], state["exp_avg_sq"])
+        state["step"] += 1
+        step = state["step"].item()
+        if wd != 0:
+            if group["decouple_weight_decay"]:
+                p.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(p, alpha=wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        numerator = exp_avg.mul(nu1 / (1 - beta1**step)).add_(grad, alpha=1 - nu1)
+        denom = exp_avg_sq.mul(nu2 / (1 - beta2**step)).addcmul_(grad, grad, value=1 - nu2).sqrt_()
+        p.addcdiv_(numerator, denom.add_(group["eps"]), value=-lr)
+
+
+class AggMo(_ForLoop):
+    """AggMo (Lucas et al., ICLR 2019) as the authors' code steps it (each
+    beta's buffer in turn moves the param by ``-lr / K`` times it, L2
+    ``weight_decay``), up to three betas, state ``momentum_buffer_<k>``, plus
+    ``maximize``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.0, 0.9, 0.99), weight_decay=0.0, *, foreach=None,
+                 maximize=False, differentiable=False):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 1 <= len(betas) <= 3:
+            raise ValueError(f"AggMo takes 1 to 3 betas (one state slot each), got {len(betas)}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize,
+                                      foreach=foreach, differentiable=differentiable))
+
+    def _update(self, group, p, grad, state):
+        betas = group["betas"]
+        if len(state) == 0:
+            for k in range(len(betas)):
+                state[f"momentum_buffer_{k}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        p, grad = _real(p, grad)
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        for k, beta in enumerate(betas):
+            (buf,) = _real(state[f"momentum_buffer_{k}"])
+            buf.mul_(beta).add_(grad)
+            p.add_(buf, alpha=-_value(group["lr"]) / len(betas))
+
+
+class Lookahead:
+    """Lookahead (Zhang et al., NeurIPS 2019, Algorithm 1) around any
+    optimizer, in plain torch ops: the slow weights start as the params at the
+    first step; every ``k`` inner steps ``slow += alpha * (fast - slow)`` and
+    ``fast = slow``."""
+
+    def __init__(self, optimizer, k=5, alpha=0.5):
+        self.optimizer, self.k, self.alpha = optimizer, k, alpha
+        self.steps = 0
+        self.slow: dict[Tensor, Tensor] = {}
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            if p not in self.slow:
+                self.slow[p] = p.detach().clone()
+        self.optimizer.step()
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for p in params:
+                self.slow[p].add_(self.alpha * (p - self.slow[p]))
+                p.copy_(self.slow[p])

@@ -184,6 +184,36 @@ OPTIMIZERS: list[OptimizerCase] = [
                   {"lr": 1e-1, "weight_decay": 0.0517, "decouple": True, "maximize": True}),
     OptimizerCase("adopt-tensor_lr", oracles.ADOPT, fastopt.ADOPT,
                   {"lr": torch.tensor(8e-2, dtype=torch.float64)}),
+    # AdaBound (oracle: tests/oracles.py, the authors' adabound package's
+    # step, checked against the package in test_oracles.py).  gamma 0.3-0.5
+    # makes the bounds bite within ten steps (with the default 1e-3 the upper
+    # bound stays ~1000x final_lr, and AdaBound is Adam for thousands of steps).
+    OptimizerCase("adabound-default", oracles.AdaBound, fastopt.AdaBound, {"lr": 5e-2}),
+    OptimizerCase("adabound-bounds-weight_decay", oracles.AdaBound, fastopt.AdaBound,
+                  {"lr": 5e-2, "final_lr": 0.05, "gamma": 0.5, "weight_decay": 0.0731}),
+    OptimizerCase("adabound-amsbound-maximize", oracles.AdaBound, fastopt.AdaBound,
+                  {"lr": 5e-2, "gamma": 0.3, "amsbound": True, "maximize": True}),
+    OptimizerCase("adabound-tensor_lr", oracles.AdaBound, fastopt.AdaBound,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64), "gamma": 0.3}),
+    # QHAdam (oracle: tests/oracles.py, the paper's update; checked against
+    # qhoptim in test_oracles.py): nus mix the grad into each moment.
+    OptimizerCase("qhadam-default", oracles.QHAdam, fastopt.QHAdam, {"lr": 5e-2, "nus": (0.7, 1.0)}),
+    OptimizerCase("qhadam-nus-weight_decay", oracles.QHAdam, fastopt.QHAdam,
+                  {"lr": 5e-2, "nus": (0.8, 0.6), "betas": (0.8, 0.99), "weight_decay": 0.0731}),
+    OptimizerCase("qhadam-decoupled-maximize", oracles.QHAdam, fastopt.QHAdam,
+                  {"lr": 5e-2, "nus": (0.7, 0.9), "weight_decay": 0.0517, "decouple_weight_decay": True,
+                   "maximize": True}),
+    OptimizerCase("qhadam-tensor_lr", oracles.QHAdam, fastopt.QHAdam,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64), "nus": (0.7, 1.0)}),
+    # AggMo (oracle: tests/oracles.py, the authors' step; checked against
+    # pytorch-optimizer in test_oracles.py): one, two or three betas.
+    OptimizerCase("aggmo-default", oracles.AggMo, fastopt.AggMo, {"lr": 5e-2}),
+    OptimizerCase("aggmo-two_betas-weight_decay", oracles.AggMo, fastopt.AggMo,
+                  {"lr": 5e-2, "betas": (0.5, 0.95), "weight_decay": 0.0731}),
+    OptimizerCase("aggmo-one_beta-maximize", oracles.AggMo, fastopt.AggMo,
+                  {"lr": 5e-2, "betas": (0.9,), "maximize": True}),
+    OptimizerCase("aggmo-tensor_lr", oracles.AggMo, fastopt.AggMo,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64)}),
 ]
 
 OPTIMIZER_IDS = [case.id for case in OPTIMIZERS]

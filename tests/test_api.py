@@ -87,6 +87,20 @@ CONFIGS = {
         dict(lr=1e-2, weight_decay=0.01, decouple=True),
         dict(lr=1e-2, clip_lambda=None, eps=1e-4, weight_decay=0.05, decouple=True, maximize=True),
     ],
+    "AdaBound": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, betas=(0.8, 0.95), final_lr=0.05, gamma=0.3, eps=1e-6, weight_decay=0.05,
+             amsbound=True, maximize=True),
+    ],
+    "QHAdam": [
+        dict(lr=1e-2, nus=(0.7, 1.0)),
+        dict(lr=1e-2, betas=(0.8, 0.95), nus=(0.8, 0.6), weight_decay=0.05, decouple_weight_decay=True,
+             eps=1e-6, maximize=True),
+    ],
+    "AggMo": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, betas=(0.5, 0.95), weight_decay=0.05, maximize=True),
+    ],
 }
 CASES = [
     pytest.param((name, kw), id=f"{name}-{i}")
@@ -280,6 +294,19 @@ INVALID = {
     "ADOPT": [
         dict(lr=-1e-3), dict(eps=-1e-6), dict(betas=(1.0, 0.9999)), dict(betas=(0.9, -0.1)),
         dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])), dict(lr=torch.tensor(0.01), foreach=True),
+    ],
+    "AdaBound": [
+        dict(lr=-1e-3), dict(lr=0.0), dict(eps=-1e-8), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)),
+        dict(weight_decay=-0.1), dict(final_lr=-0.1), dict(gamma=1.0), dict(gamma=-1e-3),
+        dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "QHAdam": [
+        dict(lr=-1e-3), dict(eps=-1e-8), dict(betas=(1.0, 0.999)), dict(betas=(0.9, 1.5)),
+        dict(weight_decay=-0.1), dict(nus=(1.5, 1.0)), dict(nus=(1.0, -0.1)), dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "AggMo": [
+        dict(lr=-1e-3), dict(betas=()), dict(betas=(0.0, 0.5, 0.9, 0.99)), dict(betas=(0.0, 1.0)),
+        dict(betas=(-0.1,)), dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])),
     ],
 }
 _TENSOR_BETAS_FOREACH = "Adam tensor betas with foreach=True"

@@ -31,7 +31,7 @@ from registry import OPTIMIZER_IDS, OPTIMIZERS, SCALAR_STATE_KEYS
 
 BACKENDS = ("fused", "reference")
 NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
-         "Lion", "ADOPT")
+         "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo")
 # One configuration per optimizer that keeps every state slot it can have.
 STATEFUL = {
     "Adam": dict(lr=0.05, amsgrad=True, weight_decay=0.0731),
@@ -47,11 +47,15 @@ STATEFUL = {
     "Rprop": dict(lr=0.05),
     "Lion": dict(lr=0.05, weight_decay=0.0731),
     "ADOPT": dict(lr=0.05, weight_decay=0.0731),
+    "AdaBound": dict(lr=0.05, gamma=0.3, amsbound=True, weight_decay=0.0731),
+    "QHAdam": dict(lr=0.05, nus=(0.7, 0.9), weight_decay=0.0731),
+    "AggMo": dict(lr=0.05, weight_decay=0.0731),
 }
 SLOTS = {"Adam": "exp_avg", "AdamW": "exp_avg_sq", "SGD": "momentum_buffer", "RMSprop": "grad_avg",
          "Adagrad": "sum", "NAdam": "exp_avg_sq", "RAdam": "exp_avg", "Adamax": "exp_inf", "Adadelta": "acc_delta",
-         "ASGD": "ax", "Rprop": "step_size", "Lion": "exp_avg", "ADOPT": "exp_avg_sq"}
-# The optimizers that count steps (all but SGD and Lion).
+         "ASGD": "ax", "Rprop": "step_size", "Lion": "exp_avg", "ADOPT": "exp_avg_sq",
+         "AdaBound": "max_exp_avg_sq", "QHAdam": "exp_avg", "AggMo": "momentum_buffer_2"}
+# The optimizers that count steps (all but SGD, Lion and AggMo).
 COUNTING = tuple(name for name in NAMES if "step" in getattr(fastopt, name)._scalar_states)
 
 
@@ -314,7 +318,8 @@ BAD_STEPS = [
             r"consider SparseAdam instead \(got a sparse grad for param_groups\[1\]\['params'\]\[1\]\)",
             names=("Adam", "AdamW")),
     *[BadStep("sparse-grad-unsupported", _sparse_grad, f"{name} does not support sparse gradients", names=(name,))
-      for name in ("RMSprop", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "Lion", "ADOPT")],
+      for name in ("RMSprop", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "Lion", "ADOPT",
+                   "AdaBound", "QHAdam", "AggMo")],
 ]
 BAD_STEP_CASES = [pytest.param(case, name, id=f"{case.id}-{name}") for case in BAD_STEPS for name in case.names]
 
@@ -584,7 +589,8 @@ def _other_optimizer(name: str) -> dict:
     # One whose param_groups lack a key of ``name``'s.
     other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop",
              "NAdam": "RMSprop", "RAdam": "SGD", "Adamax": "Adagrad", "Adadelta": "Adam",
-             "ASGD": "Rprop", "Rprop": "ASGD", "Lion": "ASGD", "ADOPT": "Lion"}[name]
+             "ASGD": "Rprop", "Rprop": "ASGD", "Lion": "ASGD", "ADOPT": "Lion",
+             "AdaBound": "Adam", "QHAdam": "Adam", "AggMo": "SGD"}[name]
     return _trained(other).state_dict()
 
 

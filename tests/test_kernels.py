@@ -173,6 +173,14 @@ OP_SPECS = {
     "radam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
                dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled_weight_decay=True,
                     maximize=False)),
+    "adabound_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"],
+                  dict(lr=1e-2, beta1=0.9, beta2=0.999, final_lr=0.1, base_lr=1e-2, gamma=0.3, eps=1e-8,
+                       weight_decay=0.01, amsbound=True, maximize=False)),
+    "qhadam_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
+                dict(lr=1e-2, beta1=0.9, beta2=0.999, nu1=0.7, nu2=0.9, eps=1e-8, weight_decay=0.01,
+                     decouple_weight_decay=False, maximize=False)),
+    "aggmo_": (["params", "grads", "momentum_buffers_0", "momentum_buffers_1", "momentum_buffers_2"],
+               dict(lr=1e-2, beta1=0.0, beta2=0.9, beta3=0.99, num_betas=3.0, weight_decay=0.01, maximize=False)),
     "adamax_": (["params", "grads", "exp_avgs", "exp_infs", "state_steps"],
                 dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)),
     "adadelta_": (["params", "grads", "square_avgs", "acc_deltas", "state_steps"],
@@ -208,9 +216,9 @@ def _op_lists(op: str, dtype=torch.float32) -> dict[str, list[torch.Tensor]]:
     return lists
 
 
-def _call(kernels, op: str, lists: dict[str, list[torch.Tensor]]) -> None:
+def _call(kernels, op: str, lists: dict[str, list[torch.Tensor]], **hyper_changes) -> None:
     names, hyper = OP_SPECS[op]
-    getattr(kernels, op)(*[lists[name] for name in names], **hyper)
+    getattr(kernels, op)(*[lists[name] for name in names], **{**hyper, **hyper_changes})
 
 
 def _copy(lists):
@@ -333,6 +341,20 @@ def test_sgd_op_rejects_nesterov_without_momentum(backend):
         KERNELS[backend]().sgd_(lists["params"], lists["grads"], [], **hyper)
     _assert_untouched(lists, before)
 
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+@pytest.mark.parametrize("op, hyper, pattern", [
+    ("adabound_", dict(base_lr=0.0), "base_lr must be positive"),
+    ("aggmo_", dict(num_betas=4.0), "num_betas must be 1, 2 or 3"),
+    ("aggmo_", dict(num_betas=1.5), "num_betas must be 1, 2 or 3"),
+])
+def test_op_rejects_impossible_hyperparameters(backend, op, hyper, pattern):
+    lists = _op_lists(op)
+    before = _copy(lists)
+    with pytest.raises(RuntimeError, match=pattern):
+        _call(KERNELS[backend](), op, lists, **hyper)
+    _assert_untouched(lists, before)
 
 # -- (d) the roofline op -----------------------------------------------------------------
 

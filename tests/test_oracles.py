@@ -1,5 +1,5 @@
 """The test oracles of optimizers torch.optim lacks (tests/oracles.py), and
-fastopt.Lion / fastopt.ADOPT themselves, against the PyPI implementations:
+fastopt.Lion / ADOPT / AdaBound / QHAdam / AggMo themselves, against the PyPI implementations:
 lion-pytorch's Lion and pytorch-optimizer's ADOPT (both in pyproject's
 ``test`` extra; each test skips when its package is missing), element by
 element.
@@ -16,6 +16,8 @@ are on real params; fastopt steps complex params as real pairs, as torch.optim
 and the oracles do.
 """
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -129,3 +131,84 @@ def test_adopt_clip_lambda_is_the_default_schedule_or_none():
     assert fastopt.ADOPT(params, clip_lambda=None).clip_lambda is None
     with pytest.raises(ValueError, match="clip_lambda=None .* or the default"):
         fastopt.ADOPT(params, clip_lambda=lambda step: step**0.5)
+
+
+ADABOUND_OPTIONS = [
+    {"lr": 1e-2},
+    {"lr": 1e-2, "final_lr": 0.05, "gamma": 0.3, "weight_decay": 0.0731},
+    {"lr": 1e-2, "betas": (0.8, 0.99), "gamma": 0.5, "amsbound": True, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("options", ADABOUND_OPTIONS, ids=["default", "bounds-l2", "amsbound-maximize"])
+def test_adabound_matches_adabound_package(options, implementation):
+    """The authors' package (its deprecated add_(scalar, tensor) calls warn)."""
+    adabound = pytest.importorskip("adabound")
+    package_options = {k: v for k, v in options.items() if k != "maximize"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        initial, params, package_params, optimizer, package = run_against_package(
+            lambda ps: IMPLEMENTATIONS[implementation]("AdaBound", ps, options),
+            lambda ps: adabound.AdaBound(ps, **package_options),
+            negate_package_grads=options.get("maximize", False))
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if options.get("amsbound") else ())
+    assert_runs_equal(params, package_params, optimizer, package, keys, exact=implementation == "oracle")
+    assert_moved(params, initial, 0.99)
+
+
+QHADAM_OPTIONS = [
+    {"lr": 1e-2, "nus": (0.7, 1.0)},
+    {"lr": 1e-2, "nus": (0.8, 0.6), "betas": (0.8, 0.99), "weight_decay": 0.0731},
+    {"lr": 1e-2, "nus": (0.7, 0.9), "weight_decay": 0.0517, "decouple_weight_decay": True, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("options", QHADAM_OPTIONS, ids=["default", "nus-l2", "decoupled-maximize"])
+def test_qhadam_matches_qhoptim(options, implementation):
+    """The authors' qhoptim keeps bias-corrected moments (Adam's divided by
+    1 - beta^t) and updates them with weights of its own: the same update up
+    to rounding, so params and the corrected moments are compared within the
+    parity tolerance."""
+    qhoptim = pytest.importorskip("qhoptim.pyt")
+    package_options = {k: v for k, v in options.items() if k != "maximize"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        initial, params, package_params, optimizer, package = run_against_package(
+            lambda ps: IMPLEMENTATIONS[implementation]("QHAdam", ps, options),
+            lambda ps: qhoptim.QHAdam(ps, **package_options),
+            negate_package_grads=options.get("maximize", False))
+    assert_runs_equal(params, package_params, optimizer, package, (), exact=False)
+    beta1, beta2 = options.get("betas", (0.9, 0.999))
+    for key, beta in (("exp_avg", beta1), ("exp_avg_sq", beta2)):
+        corrected = torch.cat([(optimizer.state[p][key] / (1 - beta**STEPS)).flatten() for p in params])
+        expected = torch.cat([package.state[q][key].flatten() for q in package_params])
+        assert_scaled_close(corrected, expected, K_VS_TORCH, torch.float32, rms(expected), key)
+    assert_moved(params, initial, 0.99)
+
+
+AGGMO_OPTIONS = [
+    {"lr": 1e-2},
+    {"lr": 1e-2, "betas": (0.5, 0.95), "weight_decay": 0.0731},
+    {"lr": 1e-2, "betas": (0.2, 0.9, 0.999), "maximize": True},  # the package takes 2+ betas
+]
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("options", AGGMO_OPTIONS, ids=["default", "two_betas-l2", "maximize"])
+def test_aggmo_matches_pytorch_optimizer(options, implementation):
+    """pytorch-optimizer keeps the buffers in a dict keyed by beta
+    (``momentum_buffer[beta]``, as the authors' code); fastopt in
+    ``momentum_buffer_<k>``, one per beta in order."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    initial, params, package_params, optimizer, package = run_against_package(
+        lambda ps: IMPLEMENTATIONS[implementation]("AggMo", ps, options),
+        lambda ps: pytorch_optimizer.AggMo(ps, foreach=False, **options))
+    betas = options.get("betas", (0.0, 0.9, 0.99))
+    for q in package_params:
+        for k, beta in enumerate(betas):
+            package.state[q][f"momentum_buffer_{k}"] = package.state[q]["momentum_buffer"][beta]
+    keys = tuple(f"momentum_buffer_{k}" for k in range(len(betas)))
+    assert_runs_equal(params, package_params, optimizer, package, keys, exact=implementation == "oracle")
+    assert_moved(params, initial, 0.99)

@@ -148,6 +148,27 @@ def adopt_kwargs(draw) -> dict[str, Any]:
                 weight_decay=draw(WEIGHT_DECAY), decouple=draw(st.booleans()), maximize=draw(st.booleans()))
 
 
+@st.composite
+def adabound_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
+                final_lr=draw(st.floats(0.0, 1.0)), gamma=draw(st.floats(0.0, 0.9)), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), amsbound=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
+@st.composite
+def qhadam_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
+                nus=(draw(st.floats(0.0, 1.0)), draw(st.floats(0.0, 1.0))), eps=draw(EPS),
+                weight_decay=draw(WEIGHT_DECAY), decouple_weight_decay=draw(st.booleans()),
+                maximize=draw(st.booleans()))
+
+
+@st.composite
+def aggmo_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=tuple(draw(st.lists(st.floats(0.0, 0.999), min_size=1, max_size=3))),
+                weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
+
+
 # name -> (fastopt class, torch.optim class (or the oracle of tests/oracles.py), hyperparameter strategy)
 OPTIMIZERS = {
     "Adam": (fastopt.Adam, torch.optim.Adam, adam_kwargs(decoupled_option=True)),
@@ -163,6 +184,9 @@ OPTIMIZERS = {
     "Rprop": (fastopt.Rprop, torch.optim.Rprop, rprop_kwargs()),
     "Lion": (fastopt.Lion, oracles.Lion, lion_kwargs()),
     "ADOPT": (fastopt.ADOPT, oracles.ADOPT, adopt_kwargs()),
+    "AdaBound": (fastopt.AdaBound, oracles.AdaBound, adabound_kwargs()),
+    "QHAdam": (fastopt.QHAdam, oracles.QHAdam, qhadam_kwargs()),
+    "AggMo": (fastopt.AggMo, oracles.AggMo, aggmo_kwargs()),
 }
 
 

@@ -308,6 +308,17 @@ std::vector<Variant> variants() {
       out.push_back(optimizer_variant<rules::AdoptOptimizer>({lr, 0.9, 0.9999, 1e-6, 0.1, decoupled, clip}));
     }
   }
+  for (bool amsbound : {false, true}) {
+    out.push_back(optimizer_variant<rules::AdaboundOptimizer>(
+        {lr, 0.9, 0.999, 0.1, lr, 1e-3, 1e-8, 0.1, amsbound}));
+  }
+  for (bool decoupled : {false, true}) {
+    out.push_back(optimizer_variant<rules::QhadamOptimizer>({lr, 0.9, 0.999, 0.7, 1.0, 1e-8, 0.1, decoupled}));
+  }
+  for (double num_betas : {1.0, 2.0, 3.0}) {
+    out.push_back(optimizer_variant<rules::AggmoOptimizer>({lr, 0.0, 0.9, 0.99, num_betas, 0.1}));
+  }
+  out.push_back(optimizer_variant<rules::LookaheadOptimizer>({0.0, 0.5}));
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
