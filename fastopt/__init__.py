@@ -7,6 +7,7 @@ and keep the same state, so ``state_dict`` moves both ways.
 same conventions.  ``fastopt.backends()`` reports which compiled kernels are loaded.
 ``fastopt.GradScaler`` is torch.amp.GradScaler with one pass over the grads
 before a step with ``max_grad_norm``.
+``fastopt.lr_range_test`` runs Smith's learning-rate range test with any optimizer.
 """
 from ._extension import backends
 from .adadelta import Adadelta
@@ -17,6 +18,7 @@ from .adopt import ADOPT
 from .amp import GradScaler
 from .asgd import ASGD
 from .lion import Lion
+from .lr_range import LRRangeResult, lr_range_test
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -25,5 +27,5 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
-           "Rprop", "Lion", "ADOPT", "GradScaler",
+           "Rprop", "Lion", "ADOPT", "GradScaler", "lr_range_test", "LRRangeResult",
            "backends", "__version__"]
