@@ -8,6 +8,7 @@ torch.optim lacks) follow the same conventions; ``fastopt.Lookahead`` wraps any
 optimizer.  ``fastopt.backends()`` reports which compiled kernels are loaded.
 ``fastopt.GradScaler`` is torch.amp.GradScaler with one pass over the grads
 before a step with ``max_grad_norm``.
+``fastopt.lr_range_test`` runs Smith's learning-rate range test with any optimizer.
 """
 from ._extension import backends
 from .adabound import AdaBound
@@ -21,6 +22,7 @@ from .amp import GradScaler
 from .asgd import ASGD
 from .lion import Lion
 from .lookahead import Lookahead
+from .lr_range import LRRangeResult, lr_range_test
 from .nadam import NAdam
 from .qhadam import QHAdam
 from .radam import RAdam
@@ -31,4 +33,5 @@ from .sgd import SGD
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
            "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "Lookahead", "GradScaler",
+           "lr_range_test", "LRRangeResult",
            "backends", "__version__"]

@@ -471,6 +471,16 @@ SCHEDULERS = {
     "LinearLR-AdamW": (
         "AdamW", dict(lr=0.01, weight_decay=0.1),
         lambda o: lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=10)),
+    "SequentialLR-warmup-cosine-AdamW": (
+        "AdamW", dict(lr=0.01, weight_decay=0.1),
+        lambda o: lr_scheduler.SequentialLR(
+            o, [lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=5),
+                lr_scheduler.CosineAnnealingLR(o, T_max=15)], milestones=[5])),
+    "SequentialLR-warmup-StepLR-SGD": (
+        "SGD", dict(lr=0.05, momentum=0.9),
+        lambda o: lr_scheduler.SequentialLR(
+            o, [lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=4),
+                lr_scheduler.StepLR(o, step_size=5, gamma=0.5)], milestones=[4])),
     "CyclicLR-SGD-cycle-momentum": (
         "SGD", dict(lr=0.01, momentum=0.9),
         lambda o: lr_scheduler.CyclicLR(o, base_lr=0.005, max_lr=0.05, step_size_up=4,
