@@ -829,7 +829,9 @@ def adabound_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
             torch.maximum(second_moment, exp_avg_sq, out=second_moment)
             _store(max_exp_avg_sqs[i], second_moment)
         rate = torch.full_like(exp_avg, step_size).div_(second_moment.sqrt().add_(eps))
-        p.sub_(rate.clamp_(lower, upper).mul_(exp_avg))
+        # Bounds in opmath, as the kernels take them (a bound beyond float32's range is inf there).
+        bounds = torch.tensor([lower, upper], dtype=st.opmath)
+        p.sub_(rate.clamp_(bounds[0], bounds[1]).mul_(exp_avg))
         st.store_param(i, param, p)
         _store(exp_avgs[i], exp_avg)
         _store(exp_avg_sqs[i], exp_avg_sq)

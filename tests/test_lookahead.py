@@ -13,6 +13,7 @@ from torch import nn
 
 import fastopt
 import oracles
+from fastopt import reference
 
 BACKENDS = ("fused", "reference")
 STEPS = 13  # two synchronizations at k=5 and three steps after the last
@@ -74,17 +75,31 @@ def test_matches_the_oracle(inner, k, alpha, backend):
     assert optimizer._fast_steps == STEPS and last_sync > 0
 
 
-def test_fused_and_reference_agree_bit_for_bit():
-    results = []
-    for backend in BACKENDS:
-        params = make_params()
-        optimizer = fastopt.Lookahead(fastopt.Adam(params, lr=5e-2, backend=backend), k=4, alpha=0.6,
-                                      backend=backend)
-        run([optimizer], [params])
-        results.append((params, [optimizer.state[p]["slow_param"] for p in params]))
-    (fused, fused_slow), (reference, reference_slow) = results
-    for a, b in zip(fused + fused_slow, reference + reference_slow):
-        assert torch.equal(a.detach(), b.detach())
+@pytest.mark.parametrize("dtype, with_masters", [(torch.float32, False), (torch.float64, False),
+                                                  (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_synchronization_op_fused_equals_reference_bit_for_bit(dtype, with_masters):
+    """fastopt::lookahead_ (one element: slow += alpha * (fast - slow); fast =
+    slow) against the reference, on odd sizes and an empty tensor."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(37, 5), (0,), (129,), (1,)]
+    runs = []
+    for kernels in (torch.ops.fastopt, reference):
+        fast = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        slow_dtype = torch.float32 if with_masters else dtype
+        slow = [torch.randn(s, generator=gen).to(slow_dtype) for s in shapes]
+        masters = [torch.randn(s, generator=gen) for s in shapes] if with_masters else []
+        kernels.lookahead_(fast, fast, slow, lr=0.0, alpha=0.37, maximize=False, master_params=masters)
+        runs.append(fast + slow + masters)
+        gen.manual_seed(3)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    # And it did move: slow is now the interpolation, fast (or the master) equals it.
+    fast, slow = runs[0][:len(shapes)], runs[0][len(shapes):2 * len(shapes)]
+    masters = runs[0][2 * len(shapes):]
+    for i, (f, s_) in enumerate(zip(fast, slow)):
+        assert torch.equal(masters[i] if with_masters else f, s_)
+        if with_masters:
+            assert torch.equal(f, s_.to(dtype))
 
 
 def test_matches_pytorch_optimizer():
@@ -185,6 +200,7 @@ def test_schedulers_and_grad_scaler_work_through_it():
     assert isinstance(optimizer, torch.optim.Optimizer)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # as scaler.scale(loss) would, before the first step
     set_grads(0, params)
     scaler.step(optimizer)
     scaler.update()

@@ -43,7 +43,10 @@
 #define FASTOPT_NO_ALIAS_LOOP
 #endif
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+// FASTOPT_BASELINE_ISA_ONLY (the sanitizer build of the C++ tests): the
+// baseline loops only; the AVX2 / AVX-512 clones are the same source.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(FASTOPT_BASELINE_ISA_ONLY)
 #define FASTOPT_X86_MULTIVERSION 1
 #define FASTOPT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #define FASTOPT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
