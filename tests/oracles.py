@@ -267,6 +267,9 @@ class Lookahead:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
     @torch.no_grad()
     def step(self):
         params = [p for group in self.param_groups for p in group["params"]]

@@ -151,3 +151,32 @@ def test_mlp_on_digits_matches_torch(name, backend, digits, one_thread):
     assert accuracy_f >= min_accuracy, f"{name}: test accuracy {accuracy_f:.4f} < {min_accuracy}"
     # Parameters agree to ~1e-7, so at most a sample on a decision boundary may flip.
     assert abs(accuracy_f - accuracy_t) <= 2 / len(y_test)
+
+
+# Lookahead (k=5, alpha=0.5) around SGD and Adam: over seeds 0-7 the oracle
+# (tests/oracles.py around torch.optim) reaches at least 0.962 and 0.947.
+LOOKAHEAD_SETUPS = {
+    "SGD": (dict(lr=0.05, momentum=0.9, nesterov=True), 0.95),
+    "Adam": (dict(lr=3e-3), 0.93),
+}
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("inner", list(LOOKAHEAD_SETUPS))
+def test_lookahead_mlp_on_digits_matches_the_oracle(inner, backend, digits, one_thread):
+    X_train, y_train, X_test, y_test = digits
+    hyper, min_accuracy = LOOKAHEAD_SETUPS[inner]
+    init, order = _initial_model_and_order(len(X_train))
+    model_t, model_f = copy.deepcopy(init), copy.deepcopy(init)
+    opt_t = oracles.Lookahead(getattr(torch.optim, inner)(model_t.parameters(), foreach=False, **hyper))
+    opt_f = fastopt.Lookahead(getattr(fastopt, inner)(model_f.parameters(), backend=backend, **hyper),
+                              backend=backend)
+    losses_t = _train(model_t, opt_t, order, X_train, y_train)
+    losses_f = _train(model_f, opt_f, order, X_train, y_train)
+    torch.testing.assert_close(losses_f, losses_t, **LOSS_TOL)
+    for p_f, p_t in zip(model_f.parameters(), model_t.parameters()):
+        torch.testing.assert_close(p_f.detach(), p_t.detach(), **PARAM_TOL)
+        torch.testing.assert_close(opt_f.state[p_f]["slow_param"], opt_t.slow[p_t], **PARAM_TOL)
+    accuracy_f = _accuracy(model_f, X_test, y_test)
+    assert accuracy_f >= min_accuracy, f"Lookahead({inner}): test accuracy {accuracy_f:.4f} < {min_accuracy}"
+    assert abs(accuracy_f - _accuracy(model_t, X_test, y_test)) <= 2 / len(y_test)
