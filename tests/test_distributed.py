@@ -58,8 +58,8 @@ FSDP2_CASES = {
     "lion": ("Lion", {"lr": 5e-2, "weight_decay": 0.0731}),
     "adopt": ("ADOPT", {"lr": 5e-2, "weight_decay": 0.0731, "decouple": True}),
     # AdaBound, QHAdam, AggMo: the oracles of tests/oracles.py.
-    "adabound": ("AdaBound", {"lr": 5e-2, "gamma": 0.3, "weight_decay": 0.0731}),
-    "qhadam": ("QHAdam", {"lr": 5e-2, "nus": (0.7, 0.9), "weight_decay": 0.0731}),
+    "adabound": ("AdaBound", {"lr": 5e-2, "weight_decay": 0.0731}),
+    "qhadam": ("QHAdam", {"lr": 5e-2, "nus": (0.7, 1.0), "weight_decay": 0.0731, "decouple_weight_decay": True}),
     "aggmo": ("AggMo", {"lr": 5e-2, "weight_decay": 0.0731}),
 }
 BACKENDS = ("fused", "reference")
