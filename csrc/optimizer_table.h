@@ -15,6 +15,8 @@
 //     optimizer and driver (setup.py and CMakeLists.txt write them from
 //     this table into the build folder), so the build compiles optimizers
 //     in parallel and a change to one rule recompiles that rule only.
+// A row need not be an optimizer class: `lookahead` is fastopt.Lookahead's
+// synchronization (a rule that reads no grad), run through the same drivers.
 // The row's first name is the file stem of the rule header (rules/<name>.h)
 // and of the generated sources, which include that header only.  The
 // Python class, its reference function and its test and bench rows are the
