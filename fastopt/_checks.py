@@ -1,4 +1,4 @@
-"""Constructor checks that optimizers without a torch.optim class share."""
+"""torch.optim.Adam's constructor checks, shared by the Adam-style optimizers."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -6,7 +6,8 @@ from torch import Tensor
 
 def check_adam_style(lr, betas, weight_decay, *, foreach, capturable, fused, eps=None) -> None:
     """torch.optim.Adam's checks, in its order and wording, of the
-    hyperparameters Lion and ADOPT share with it; ``eps`` when given."""
+    hyperparameters Adam, AdamW, Lion, ADOPT, AdaBound and QHAdam share with
+    it; ``eps`` when given."""
     if isinstance(lr, Tensor):
         if foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")

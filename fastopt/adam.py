@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_adam_style
 from .optimizer import FusedOptimizer, large_model_options, _scalar
 
 
@@ -34,33 +35,7 @@ class Adam(FusedOptimizer):
                  backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
-        if isinstance(lr, Tensor):
-            if foreach and not capturable:
-                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
-                or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for index, beta in enumerate(betas):
-            if isinstance(beta, Tensor):
-                if not capturable and foreach:
-                    raise ValueError(f"betas[{index}] as a Tensor is not supported for "
-                                     "capturable=False and foreach=True")
-                if beta.numel() != 1:
-                    raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=capturable, fused=fused, eps=eps)
         defaults = {
             "lr": lr,
             "betas": tuple(beta.reshape(()) if isinstance(beta, Tensor) else beta for beta in betas),
