@@ -421,7 +421,7 @@ def _float32(value: float) -> float:
 
 def _adam_moments(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
                   beta2: float, weight_decay: float, decoupled_weight_decay: bool) -> Tensor:
-    """What NAdam and RAdam do before their own update (csrc/rules/adam_moments.h),
+    """What NAdam, RAdam and QHAdam do before their own update (csrc/rules/adam_moments.h),
     in place: weight decay (decoupled: ``p *= 1 - lr*wd``; L2: ``g += wd*p``),
     then ``m += (1 - beta1)*(g - m)``, ``v = beta2*v + (1 - beta2)*g*g``.
     Returns the grad after L2 weight decay."""
@@ -857,14 +857,8 @@ def qhadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, bet
     for i, param in enumerate(params):
         step = _increment(state_steps[i])
         p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
-        g = st.grad(grads[i], maximize)
-        if weight_decay != 0:
-            if decouple_weight_decay:
-                p.mul_(1 - lr * weight_decay)
-            else:
-                g = g + weight_decay * p
-        exp_avg.add_(g - exp_avg, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
+        g = _adam_moments(p, st.grad(grads[i], maximize), exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                          weight_decay=weight_decay, decoupled_weight_decay=decouple_weight_decay)
         numerator = (1 - nu1) * g + (nu1 / (1 - beta1**step)) * exp_avg
         denom = ((1 - nu2) * (g * g) + (nu2 / (1 - beta2**step)) * exp_avg_sq).sqrt_().add_(eps)
         p.add_(numerator / denom, alpha=-lr)
