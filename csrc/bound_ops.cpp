@@ -40,13 +40,17 @@ struct BoundTensors : torch::CustomClassHolder {
   TensorLists slots;          // one list per slot of the op, in op order; empty: unused
   TensorLists scalar_states;  // one list per scalar state of the op (steps, ...)
   std::vector<at::Tensor> masters;  // float32 master copies of the params, or empty
+  // uint8 (8-bit) slots: their block scales, one list per slot as `slots`
+  // (empty for a slot that is unused or not 8-bit), or no lists at all.
+  TensorLists scales;
 
   BoundTensors(std::vector<at::Tensor> params_, TensorLists slots_, TensorLists scalar_states_,
-               std::vector<at::Tensor> masters_)
+               std::vector<at::Tensor> masters_, TensorLists scales_)
       : params(std::move(params_)),
         slots(std::move(slots_)),
         scalar_states(std::move(scalar_states_)),
-        masters(std::move(masters_)) {
+        masters(std::move(masters_)),
+        scales(std::move(scales_)) {
     const size_t n = params.size();
     for (const auto& slot : slots) {
       TORCH_CHECK(slot.empty() || slot.size() == n, "fastopt.BoundTensors: got ", n,
@@ -58,6 +62,10 @@ struct BoundTensors : torch::CustomClassHolder {
     }
     TORCH_CHECK(masters.empty() || masters.size() == n, "fastopt.BoundTensors: got ", n,
                 " params but ", masters.size(), " master copies");
+    for (const auto& list : scales) {
+      TORCH_CHECK(list.empty() || list.size() == n, "fastopt.BoundTensors: got ", n,
+                  " params but a scale list of ", list.size());
+    }
   }
 };
 
@@ -85,6 +93,7 @@ class StepTensors {
       masters_ = bound.masters;
       for (const auto& slot : bound.slots) slots_.push_back(slot);
       for (const auto& states : bound.scalar_states) scalar_states_.push_back(states);
+      join_scales(bound, nullptr);
       return;
     }
     std::vector<at::Tensor> grads;
@@ -103,6 +112,7 @@ class StepTensors {
     masters_ = select(bound.masters);
     for (const auto& slot : bound.slots) slots_.push_back(select(slot));
     for (const auto& states : bound.scalar_states) scalar_states_.push_back(select(states));
+    join_scales(bound, &with_grad);
   }
 
   bool empty() const { return params_.empty(); }
@@ -117,11 +127,26 @@ class StepTensors {
   at::TensorList params() const { return params_; }
   at::TensorList grads() const { return grads_; }
   at::TensorList masters() const { return masters_; }
+  // The block scales of the 8-bit slots as the list op takes them (slot-major).
+  at::TensorList state_scales() const { return state_scales_; }
   // Slot k of the op (empty when unused), scalar state c.
   const std::vector<at::TensorList>& slots() const { return slots_; }
   const std::vector<at::TensorList>& scalar_states() const { return scalar_states_; }
 
  private:
+  // state_scales_: the bound scale lists joined slot-major, restricted to the
+  // params in `with_grad` (null: all params).
+  void join_scales(const BoundTensors& bound, const std::vector<size_t>* with_grad) {
+    for (const auto& list : bound.scales) {
+      if (with_grad == nullptr) {
+        state_scales_.insert(state_scales_.end(), list.begin(), list.end());
+      } else if (!list.empty()) {
+        for (size_t i : *with_grad) state_scales_.push_back(list[i]);
+      }
+    }
+  }
+
+  std::vector<at::Tensor> state_scales_;
   std::vector<at::Tensor> grads_;
   std::vector<std::vector<at::Tensor>> owned_;
   at::TensorList params_, masters_;
@@ -142,7 +167,8 @@ void bound_op_kernel(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit
   const auto step_values = args.slice(2 + kFields);
   const StepArgs step_args{step_values[0].toOptional<at::Tensor>(),
                            step_values[1].toOptional<at::Tensor>(),
-                           step_values[2].toOptional<at::Tensor>(), {}, optional_int(step_values[3])};
+                           step_values[2].toOptional<at::Tensor>(), {}, optional_int(step_values[3]),
+                           {}};
   torch::jit::drop(*stack, kNumArgs);
   const StepTensors t(*bound);
   if (t.empty()) return;
@@ -159,9 +185,10 @@ void bound_op_kernel(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit
   for (size_t k = 0; k < slots.size(); ++k) slots[k] = t.slots()[k];
   std::array<at::TensorList, Optimizer::kScalarStates.size()> scalar_states;
   for (size_t c = 0; c < scalar_states.size(); ++c) scalar_states[c] = t.scalar_states()[c];
-  StepArgs with_masters = step_args;
-  with_masters.master_params = t.masters();
-  run_step<Optimizer>(step, t.params(), t.grads(), slots, scalar_states, hyper, maximize, with_masters);
+  StepArgs with_bound = step_args;
+  with_bound.master_params = t.masters();
+  with_bound.state_scales = t.state_scales();
+  run_step<Optimizer>(step, t.params(), t.grads(), slots, scalar_states, hyper, maximize, with_bound);
   t.bump_param_versions();
 }
 
@@ -217,6 +244,7 @@ void check_step_tensors(const BoundTensors& bound) {
   check_list_lengths(kWhat, t.params(), t.grads(), slots, scalar_states, t.masters());
   const c10::DeviceType device_type = t.params()[0].device().type();
   const at::ScalarType state_dtype = state_dtype_of(t.params(), slots, !t.masters().empty());
+  check_state_scales(kWhat, t.params(), slots.size(), t.state_scales(), state_dtype == at::kByte);
   at::parallel_for(0, int64_t(t.params().size()), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       check_tensors_at(kWhat, i, t.params(), t.grads(), slots, scalar_states, device_type, state_dtype,
@@ -229,7 +257,8 @@ void check_step_tensors(const BoundTensors& bound) {
 
 TORCH_LIBRARY_FRAGMENT(fastopt, m) {
   m.class_<BoundTensors>("BoundTensors")
-      .def(torch::init<std::vector<at::Tensor>, TensorLists, TensorLists, std::vector<at::Tensor>>())
+      .def(torch::init<std::vector<at::Tensor>, TensorLists, TensorLists, std::vector<at::Tensor>,
+                       TensorLists>())
       .def("check", [](const Bound& self) { check_step_tensors(*self); });
   for_each_optimizer([&](auto descriptor) {
     using Optimizer = decltype(descriptor);

@@ -132,7 +132,7 @@ void list_op_kernel(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit:
   constexpr size_t kSlots = Optimizer::kSlots.size();
   constexpr size_t kStates = Optimizer::kScalarStates.size();
   constexpr size_t kFields = Optimizer::kFields.size();
-  constexpr size_t kNumArgs = 2 + kSlots + kStates + kFields + 1 + 5;
+  constexpr size_t kNumArgs = 2 + kSlots + kStates + kFields + 1 + 6;
   const auto args = torch::jit::last(*stack, kNumArgs);
   const std::vector<at::Tensor> params = args[0].toTensorVector();
   const std::vector<at::Tensor> grads = args[1].toTensorVector();
@@ -148,8 +148,11 @@ void list_op_kernel(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit:
   const auto step_values = args.slice(next + kFields + 1);
   const std::vector<at::Tensor> masters =
       step_values[3].isNone() ? std::vector<at::Tensor>() : step_values[3].toTensorVector();
+  const std::vector<at::Tensor> scales =
+      step_values[5].isNone() ? std::vector<at::Tensor>() : step_values[5].toTensorVector();
   const StepArgs step_args{step_values[0].toOptional<at::Tensor>(), step_values[1].toOptional<at::Tensor>(),
-                           step_values[2].toOptional<at::Tensor>(), masters, optional_int(step_values[4])};
+                           step_values[2].toOptional<at::Tensor>(), masters, optional_int(step_values[4]),
+                           scales};
   run_step<Optimizer>(kStep, params, grads, slots, scalar_states, hyper, maximize, step_args);
   torch::jit::drop(*stack, kNumArgs);
 }

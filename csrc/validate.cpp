@@ -6,6 +6,7 @@
 #include "validate.h"
 
 #include "rules/common.h"
+#include "rules/quantization.h"
 
 #include <utility>
 
@@ -103,17 +104,47 @@ at::ScalarType state_dtype_of(at::TensorList params, const std::vector<NamedTens
 void check_storage(const char* op, at::ScalarType param_dtype, at::ScalarType state_dtype,
                    bool master_copies, bool stochastic_rounding) {
   const bool low_precision = param_dtype == at::kHalf || param_dtype == at::kBFloat16;
-  TORCH_CHECK(state_dtype == param_dtype || state_dtype == at::kFloat || state_dtype == at::kBFloat16,
+  TORCH_CHECK(state_dtype == param_dtype || state_dtype == at::kFloat || state_dtype == at::kBFloat16 ||
+                  state_dtype == at::kByte,
               op, ": state of dtype ", state_dtype, " for params of dtype ", param_dtype,
-              "; supported: the params' dtype, float32 or bfloat16");
+              "; supported: the params' dtype, float32, bfloat16 or uint8 (8-bit)");
+  TORCH_CHECK(state_dtype != at::kByte || param_dtype != at::kDouble, op,
+              ": uint8 (8-bit) state is for float32, float16 and bfloat16 params, got params of dtype ",
+              param_dtype);
   TORCH_CHECK(!master_copies || low_precision, op, ": master_params are for float16 / bfloat16 "
               "params, got params of dtype ", param_dtype);
-  TORCH_CHECK(!master_copies || state_dtype == at::kFloat || state_dtype == at::kBFloat16, op,
-              ": with master_params the state must be float32 or bfloat16, got ", state_dtype);
+  TORCH_CHECK(!master_copies || state_dtype == at::kFloat || state_dtype == at::kBFloat16 ||
+                  state_dtype == at::kByte,
+              op, ": with master_params the state must be float32, bfloat16 or uint8, got ", state_dtype);
   TORCH_CHECK(!stochastic_rounding || (param_dtype == at::kBFloat16 && !master_copies), op,
               ": rounding_seed (stochastic rounding) is for bfloat16 params without "
               "master_params, got params of dtype ", param_dtype,
               master_copies ? " with master_params" : "");
+}
+
+void check_state_scales(const char* op, at::TensorList params, size_t num_slots,
+                        at::TensorList state_scales, bool quantized) {
+  if (!quantized) {
+    TORCH_CHECK(state_scales.empty(), op, ": state_scales are for uint8 (8-bit) state slots only");
+    return;
+  }
+  const size_t n = params.size();
+  TORCH_CHECK(state_scales.size() == num_slots * n, op, ": got ", n, " params and ", num_slots,
+              " uint8 state slot lists but ", state_scales.size(), " state_scales (expected ",
+              num_slots * n, ", slot-major)");
+  for (size_t index = 0; index < state_scales.size(); ++index) {
+    const size_t i = index % n;
+    const at::Tensor& scale = state_scales[index];
+    const int64_t expected = quantization::num_blocks(params[i].numel());
+    TORCH_CHECK(scale.defined() && scale.scalar_type() == at::kFloat &&
+                    scale.device() == params[i].device() && scale.numel() == expected &&
+                    scale.is_contiguous(),
+                op, ": state_scales[", index, "] must be a contiguous float32 tensor of ", expected,
+                " elements on ", params[i].device(), " (the block scales of params[", i, "]'s slot ",
+                index / n, "), got a ", scale.defined() ? c10::toString(scale.scalar_type()) : "undefined",
+                " tensor of ", scale.defined() ? scale.numel() : 0, " elements on ",
+                scale.defined() ? scale.device() : at::Device(at::kCPU));
+  }
 }
 
 void check_step_args(const char* op, const StepArgs& args) {

@@ -39,9 +39,10 @@ at::ScalarType state_dtype_of(at::TensorList params, const std::vector<NamedTens
 std::vector<NamedTensorList> roofline_slot_lists(at::TensorList params, at::TensorList slots);
 
 // Checks that the drivers support the storage of a call: state of the
-// params' dtype, float32 or bfloat16; master copies for float16 / bfloat16
-// params only, with float32 or bfloat16 state; stochastic rounding for
-// bfloat16 params without master copies.
+// params' dtype, float32, bfloat16 or uint8 (8-bit, for float32 / float16 /
+// bfloat16 params); master copies for float16 / bfloat16 params only, with
+// float32, bfloat16 or uint8 state; stochastic rounding for bfloat16 params
+// without master copies.
 void check_storage(const char* op, at::ScalarType param_dtype, at::ScalarType state_dtype,
                    bool master_copies, bool stochastic_rounding);
 
@@ -56,6 +57,13 @@ void check_tensors_at(const char* op, size_t i, at::TensorList params, at::Tenso
                       const std::vector<NamedTensorList>& slots,
                       const std::vector<NamedTensorList>& scalar_states, c10::DeviceType device_type,
                       at::ScalarType state_dtype, at::TensorList master_params = {});
+
+// Checks the block scales of a call's state slots (StepArgs::state_scales):
+// with uint8 state, one contiguous float32 tensor of num_blocks(numel)
+// elements on the param's device per used slot and param, slot-major; none
+// otherwise.  Throws naming the index.
+void check_state_scales(const char* op, at::TensorList params, size_t num_slots,
+                        at::TensorList state_scales, bool quantized);
 
 // Checks the grads of fastopt::grad_sq_norm: each a dense tensor of a
 // supported dtype (complex ones of a supported real dtype) on grads[0]'s

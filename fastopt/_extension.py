@@ -73,8 +73,15 @@ class _CompiledKernels:
 
     def __getattr__(self, name: str) -> Any:
         if name == "BoundTensors":
-            return torch.classes.fastopt.BoundTensors
+            return _bound_tensors
         return getattr(torch.ops.fastopt, name)
+
+
+def _bound_tensors(params: list, slots: list, scalar_states: list, masters: list,
+                   scales: list | None = None) -> Any:
+    """The compiled BoundTensors with the reference's signature (``scales``:
+    the 8-bit slots' block scales, one list per slot, optional)."""
+    return torch.classes.fastopt.BoundTensors(params, slots, scalar_states, masters, scales or [])
 
 
 _COMPILED = _CompiledKernels()

@@ -26,6 +26,7 @@ __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
     "lion_", "adopt_", "grad_sq_norm",
     "BoundTensors", "tensor_problem", "is_dense", "grad_sq_norm_bound_",
+    "quantize_blocks", "dequantize_blocks", "num_quantization_blocks", "QUANTIZATION_BLOCK",
 ]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -82,7 +83,7 @@ def _state_dtype(params: Sequence[Tensor], slots: dict[str, Sequence[Tensor]],
 def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                  slots: dict[str, Sequence[Tensor]], scalar_states: dict[str, Sequence[Tensor]],
                  master_params: Sequence[Tensor] = (), rounding_seed: int | None = None,
-                 sparse_grads: bool = False) -> None:
+                 sparse_grads: bool = False, state_scales: Sequence[Tensor] = ()) -> None:
     """The checks of csrc/validate.cpp: one grad, slot tensor, master copy
     (when given) and scalar state (step count, ...) per param, each on the
     param's device with its shape;
@@ -99,6 +100,7 @@ def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
     if n == 0:
         return
     state_dtype = _state_dtype(params, slots, bool(master_params))
+    _check_storage(op, params[0].dtype, state_dtype, bool(master_params), rounding_seed is not None)
     for i, p in enumerate(params):
         dtypes = {f"{name}[{i}]": state_dtype for name in slots}
         dtypes[f"master_params[{i}]"] = torch.float32
@@ -111,21 +113,48 @@ def _check_lists(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                        "one call takes tensors of one dtype")
         if problem is not None:
             raise RuntimeError(f"fastopt::{op}: {problem}")
-    _check_storage(op, params[0].dtype, state_dtype, bool(master_params), rounding_seed is not None)
+    problem = _state_scales_problem(params, slots, state_scales, state_dtype == torch.uint8)
+    if problem is not None:
+        raise RuntimeError(f"fastopt::{op}: {problem}")
+
+
+def _state_scales_problem(params: Sequence[Tensor], slots: dict[str, Sequence[Tensor]],
+                          state_scales: Sequence[Tensor], quantized: bool) -> str | None:
+    """check_state_scales of csrc/validate.cpp: 8-bit slots come with one
+    contiguous float32 scale tensor per slot and param (slot-major), of one
+    element per QUANTIZATION_BLOCK; other slots with none."""
+    n = len(params)
+    if not quantized:
+        return None if not state_scales else "state_scales are for uint8 (8-bit) state slots only"
+    if len(state_scales) != len(slots) * n:
+        return (f"got {n} params and {len(slots)} uint8 state slot lists but {len(state_scales)} "
+                f"state_scales (expected {len(slots) * n}, slot-major)")
+    for index, scale in enumerate(state_scales):
+        i = index % n
+        expected = num_quantization_blocks(params[i].numel())
+        if (scale.dtype != torch.float32 or scale.device != params[i].device or scale.numel() != expected
+                or not scale.is_contiguous()):
+            return (f"state_scales[{index}] must be a contiguous float32 tensor of {expected} elements on "
+                    f"{params[i].device} (the block scales of params[{i}]'s slot {index // n}), got a "
+                    f"{scale.dtype} tensor of {scale.numel()} elements on {scale.device}")
+    return None
 
 
 def _check_storage(op: str, param_dtype: torch.dtype, state_dtype: torch.dtype, master_copies: bool,
                    stochastic_rounding: bool) -> None:
     """check_storage of csrc/validate.cpp."""
     low_precision = param_dtype in (torch.float16, torch.bfloat16)
-    if state_dtype not in (param_dtype, torch.float32, torch.bfloat16):
+    if state_dtype not in (param_dtype, torch.float32, torch.bfloat16, torch.uint8):
         raise RuntimeError(f"fastopt::{op}: state of dtype {state_dtype} for params of dtype {param_dtype}; "
-                           "supported: the params' dtype, float32 or bfloat16")
+                           "supported: the params' dtype, float32, bfloat16 or uint8 (8-bit)")
+    if state_dtype == torch.uint8 and param_dtype == torch.float64:
+        raise RuntimeError(f"fastopt::{op}: uint8 (8-bit) state is for float32, float16 and bfloat16 "
+                           "params, got params of dtype torch.float64")
     if master_copies and not low_precision:
         raise RuntimeError(f"fastopt::{op}: master_params are for float16 / bfloat16 params, got params "
                            f"of dtype {param_dtype}")
-    if master_copies and state_dtype not in (torch.float32, torch.bfloat16):
-        raise RuntimeError(f"fastopt::{op}: with master_params the state must be float32 or bfloat16, "
+    if master_copies and state_dtype not in (torch.float32, torch.bfloat16, torch.uint8):
+        raise RuntimeError(f"fastopt::{op}: with master_params the state must be float32, bfloat16 or uint8, "
                            f"got {state_dtype}")
     if stochastic_rounding and (param_dtype != torch.bfloat16 or master_copies):
         raise RuntimeError(f"fastopt::{op}: rounding_seed (stochastic rounding) is for bfloat16 params "
@@ -136,6 +165,95 @@ def _check_storage(op: str, param_dtype: torch.dtype, state_dtype: torch.dtype, 
 def _store(target: Tensor, value: Tensor) -> None:
     if value is not target:
         target.copy_(value)
+
+
+# -- 8-bit state (Note [8-bit state] in csrc/rules/quantization.h) ------------
+QUANTIZATION_BLOCK = 256  # elements per scale: kBlockElements
+_MIN_ABSMAX = 2.0**-96  # kMinAbsmax: blocks below it are stored as zeros
+_SIGN_BIT = 0x80
+
+
+class _Magnitude:
+    """Magnitude<E, M> of quantization.h: an unsigned float format whose
+    largest binade is [1, 2), with subnormals; integer math in int64."""
+
+    def __init__(self, exponent_bits: int, mantissa_bits: int) -> None:
+        bias = 2**exponent_bits - 1
+        self.max = 2.0 - 2.0**-mantissa_bits
+        self.max_code = 2**(exponent_bits + mantissa_bits) - 1
+        self.rebias = (127 - bias) << 23
+        self.dropped = 23 - mantissa_bits
+        self.min_normal = 2.0**(1 - bias)
+        self.rounder = 2.0**(24 - bias - mantissa_bits)
+        self.subnormal_step = 2.0**(1 - bias - mantissa_bits)
+        self.mantissa_bits = mantissa_bits
+
+    def encode(self, z: Tensor) -> Tensor:
+        """Codes (int64) of float32 ``z`` in [0, max] (NaN saturates)."""
+        bits = z.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+        rounder_bits = torch.tensor(self.rounder, dtype=torch.float32).view(torch.int32).item()
+        subnormal = (z + self.rounder).view(torch.int32).to(torch.int64) - rounder_bits
+        odd = (bits >> self.dropped) & 1
+        normal = (bits - self.rebias + ((1 << (self.dropped - 1)) - 1) + odd) >> self.dropped
+        return torch.where(z < self.min_normal, subnormal, normal).clamp_(max=self.max_code)
+
+    def decode(self, code: Tensor) -> Tensor:
+        """float32 values of int64 codes."""
+        normal = ((code << self.dropped) + self.rebias).to(torch.int32).view(torch.float32)
+        subnormal = code.to(torch.float32) * self.subnormal_step
+        return torch.where((code >> self.mantissa_bits) == 0, subnormal, normal)
+
+
+_SIGNED = _Magnitude(4, 3)    # after the sign bit
+_UNSIGNED = _Magnitude(5, 3)
+
+
+def _blocks(values: Tensor) -> Tensor:
+    """``values`` in row-major order as rows of QUANTIZATION_BLOCK (the last
+    padded with zeros, which change neither absmax nor sign)."""
+    flat = values.reshape(-1)
+    pad = -flat.numel() % QUANTIZATION_BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, QUANTIZATION_BLOCK)
+
+
+def quantize_blocks(values: Tensor) -> tuple[Tensor, Tensor]:
+    """8-bit codes (uint8, shaped like ``values``) and block scales (float32,
+    one per QUANTIZATION_BLOCK elements in row-major order) of ``values``, as
+    the kernels store a state slot of dtype uint8 (Note [8-bit state] in
+    csrc/rules/quantization.h): per block, the signed map (sign + E4M3) when
+    a value is negative, else the unsigned one (E5M3), scale = ±absmax / max."""
+    blocks = _blocks(values.detach().to(torch.float32))
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    negative = (blocks < 0).any(dim=1, keepdim=True)
+    scale = torch.where(negative, absmax / _SIGNED.max, absmax / _UNSIGNED.max)
+    scale = torch.where(absmax < _MIN_ABSMAX, torch.zeros_like(scale), torch.where(negative, -scale, scale))
+    magnitude = scale.abs()
+    inverse = torch.where(magnitude > 0, 1.0 / magnitude, torch.zeros_like(magnitude))
+    z = blocks.abs() * inverse
+    signed = torch.where(blocks < 0, _SIGN_BIT, 0) | _SIGNED.encode(torch.where(z > _SIGNED.max, _SIGNED.max, z))
+    unsigned = _UNSIGNED.encode(torch.where(z > _UNSIGNED.max, _UNSIGNED.max, z))
+    codes = torch.where(negative, signed, unsigned).to(torch.uint8).reshape(-1)[:values.numel()]
+    return codes.view(values.shape), scale.reshape(-1)
+
+
+def dequantize_blocks(codes: Tensor, scales: Tensor) -> Tensor:
+    """The float32 values of 8-bit codes and their block scales (quantize_blocks'
+    inverse up to the codes' precision), shaped like ``codes``."""
+    code = _blocks(codes.to(torch.int64))
+    scale = scales.reshape(-1, 1).to(torch.float32)
+    magnitude = scale.abs()
+    signed = _SIGNED.decode(code & 0x7F) * magnitude
+    signed = torch.where((code & _SIGN_BIT) != 0, -signed, signed)
+    unsigned = _UNSIGNED.decode(code) * magnitude
+    values = torch.where(torch.signbit(scale), signed, unsigned)
+    return values.reshape(-1)[:codes.numel()].view(codes.shape)
+
+
+def num_quantization_blocks(numel: int) -> int:
+    """The number of block scales of a state slot of ``numel`` elements."""
+    return -(-numel // QUANTIZATION_BLOCK)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -185,8 +303,13 @@ class _Step:
 
     def __init__(self, op: str, params, grads, slots: dict[str, Sequence[Tensor]],
                  scalar_states: dict[str, Sequence[Tensor]], *, lr: float, lr_tensor, grad_scale,
-                 found_inf, master_params, rounding_seed, sparse_grads: bool = False) -> None:
-        _check_lists(op, params, grads, slots, scalar_states, master_params, rounding_seed, sparse_grads)
+                 found_inf, master_params, rounding_seed, sparse_grads: bool = False,
+                 state_scales: Sequence[Tensor] = ()) -> None:
+        _check_lists(op, params, grads, slots, scalar_states, master_params, rounding_seed, sparse_grads,
+                     state_scales)
+        # The block scales of each 8-bit slot tensor, by identity (slot-major, as given).
+        slot_tensors = [t for tensors in slots.values() for t in tensors]
+        self.scales = {id(t): scale for t, scale in zip(slot_tensors, state_scales)}
         _check_step_args(op, lr_tensor, grad_scale, found_inf)
         self.skip = _amp_skips(found_inf)
         self.lr = lr if lr_tensor is None else lr_tensor.item()
@@ -196,8 +319,21 @@ class _Step:
         self.seed = rounding_seed
 
     def load(self, t: Tensor) -> Tensor:
-        """``t`` in opmath: itself (updated in place) when of that dtype, else a copy."""
+        """``t`` in opmath: itself (updated in place) when of that dtype, else a
+        copy (8-bit slots: their values, dequantized)."""
+        if id(t) in self.scales:
+            return dequantize_blocks(t, self.scales[id(t)])
         return t if t.dtype == self.opmath else t.to(self.opmath)
+
+    def store(self, slot: Tensor, value: Tensor) -> None:
+        """Stores a state slot's new ``value`` (8-bit slots: quantized, with
+        their block scales)."""
+        if id(slot) in self.scales:
+            codes, scale = quantize_blocks(value)
+            slot.copy_(codes)
+            self.scales[id(slot)].copy_(scale)
+        else:
+            _store(slot, value)
 
     def param(self, i: int, param: Tensor) -> Tensor:
         """The value the rule updates: the master copy (in place) or the param."""
@@ -240,7 +376,7 @@ def _increment(step: Tensor) -> float:
 @torch.no_grad()
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
           eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor=None, grad_scale=None,
-          found_inf=None, master_params=(), rounding_seed=None) -> None:
+          found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """Adam / AdamW (csrc/rules/adam.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
@@ -252,7 +388,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
     st = _Step("adam_", params, grads, slots, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -273,18 +410,18 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
         if amsgrad:
             second_moment = st.load(max_exp_avg_sqs[i])
             torch.maximum(second_moment, exp_avg_sq, out=second_moment)
-            _store(max_exp_avg_sqs[i], second_moment)
+            st.store(max_exp_avg_sqs[i], second_moment)
         denom = second_moment.sqrt().div_(bias_correction2_sqrt).add_(eps)
         p.add_(exp_avg / denom, alpha=-(lr / bias_correction1))
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
 def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
          first_momentum_step, maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
-         rounding_seed=None) -> None:
+         rounding_seed=None, state_scales=()) -> None:
     """SGD (csrc/rules/sgd.h)::
 
         g = -g if maximize;  g += wd*p
@@ -296,7 +433,8 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
     slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
     st = _Step("sgd_", params, grads, slots, {},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed, sparse_grads=True)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales, sparse_grads=True)
     if st.skip:
         return
     lr = st.lr
@@ -313,7 +451,7 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
                 buf.copy_(g)
             else:
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            _store(momentum_buffers[i], buf)
+            st.store(momentum_buffers[i], buf)
             direction = g + momentum * buf if nesterov else buf
         p.add_(direction, alpha=-lr)
         st.store_param(i, param, p)
@@ -322,7 +460,7 @@ def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_dec
 @torch.no_grad()
 def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, *, lr, alpha, eps,
              weight_decay, momentum, centered, maximize, lr_tensor=None, grad_scale=None,
-             found_inf=None, master_params=(), rounding_seed=None) -> None:
+             found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """RMSprop (csrc/rules/rmsprop.h)::
 
         g = -g if maximize;  g += wd*p;  s = alpha*s + (1 - alpha)*g*g
@@ -336,7 +474,8 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
         slots["momentum_buffers"] = momentum_buffers
     st = _Step("rmsprop_", params, grads, slots, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -347,18 +486,18 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
         if weight_decay != 0:
             g = g + weight_decay * p
         square_avg.mul_(alpha).add_(g * g, alpha=1 - alpha)
-        _store(square_avgs[i], square_avg)
+        st.store(square_avgs[i], square_avg)
         variance = square_avg
         if centered:
             grad_avg = st.load(grad_avgs[i])
             grad_avg.add_(g - grad_avg, alpha=1 - alpha)
-            _store(grad_avgs[i], grad_avg)
+            st.store(grad_avgs[i], grad_avg)
             variance = square_avg - grad_avg * grad_avg
         avg = variance.sqrt().add_(eps)
         if momentum > 0:
             buf = st.load(momentum_buffers[i])
             buf.mul_(momentum).add_(g / avg)
-            _store(momentum_buffers[i], buf)
+            st.store(momentum_buffers[i], buf)
             p.add_(buf, alpha=-lr)
         else:
             p.add_(g / avg, alpha=-lr)
@@ -367,7 +506,7 @@ def rmsprop_(params, grads, square_avgs, grad_avgs, momentum_buffers, state_step
 
 @torch.no_grad()
 def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_decay, eps, maximize,
-             lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+             lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """Adagrad (csrc/rules/adagrad.h)::
 
         g = -g if maximize;  g += wd*p;  s += g*g
@@ -379,9 +518,12 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
     st = _Step("adagrad_", params, grads, {"state_sums": state_sums}, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
                master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales,
                sparse_grads=True)
     if weight_decay != 0 and any(g.is_sparse for g in grads):
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    if state_scales and any(g.is_sparse for g in grads):
+        raise RuntimeError("fastopt::adagrad_: sparse grads with uint8 (8-bit) state are not supported")
     if st.skip:
         return
     lr = st.lr
@@ -396,7 +538,7 @@ def adagrad_(params, grads, state_sums, state_steps, *, lr, lr_decay, weight_dec
         if weight_decay != 0:
             g = g + weight_decay * p
         state_sum.add_(g * g)
-        _store(state_sums[i], state_sum)
+        st.store(state_sums[i], state_sum)
         p.add_(g / state_sum.sqrt().add_(eps), alpha=-clr)
         st.store_param(i, param, p)
 
@@ -443,7 +585,7 @@ def _nadam_mu(beta1: float, momentum_decay: float, step: float) -> float:
 @torch.no_grad()
 def nadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, mu_products, *, lr, beta1, beta2, eps,
            weight_decay, momentum_decay, decoupled_weight_decay, maximize, lr_tensor=None, grad_scale=None,
-           found_inf=None, master_params=(), rounding_seed=None) -> None:
+           found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """NAdam / NAdamW (csrc/rules/nadam.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
@@ -454,7 +596,8 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, mu_products, *, lr
     st = _Step("nadam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                {"state_steps": state_steps, "mu_products": mu_products},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -474,14 +617,14 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, mu_products, *, lr
         p.addcdiv_(g, denom, value=grad_coefficient)
         p.addcdiv_(exp_avg, denom, value=exp_avg_coefficient)
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
 def radam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
            decoupled_weight_decay, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
-           master_params=(), rounding_seed=None) -> None:
+           master_params=(), rounding_seed=None, state_scales=()) -> None:
     """RAdam (csrc/rules/radam.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
@@ -494,7 +637,8 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta
     st = _Step("radam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -514,13 +658,13 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta
             update = update * adaptive_lr * rectification
         p.sub_(update)
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
 def adamax_(params, grads, exp_avgs, exp_infs, state_steps, *, lr, beta1, beta2, eps, weight_decay, maximize,
-            lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+            lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """Adamax (csrc/rules/adamax.h)::
 
         g = -g if maximize;  g += wd*p
@@ -530,7 +674,8 @@ def adamax_(params, grads, exp_avgs, exp_infs, state_steps, *, lr, beta1, beta2,
     st = _Step("adamax_", params, grads, {"exp_avgs": exp_avgs, "exp_infs": exp_infs},
                {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -544,13 +689,13 @@ def adamax_(params, grads, exp_avgs, exp_infs, state_steps, *, lr, beta1, beta2,
         torch.maximum(exp_inf.mul_(beta2), g.abs().add_(eps), out=exp_inf)
         p.addcdiv_(exp_avg, exp_inf, value=-(lr / (1 - beta1**step)))
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_infs[i], exp_inf)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_infs[i], exp_inf)
 
 
 @torch.no_grad()
 def adadelta_(params, grads, square_avgs, acc_deltas, state_steps, *, lr, rho, eps, weight_decay, maximize,
-              lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+              lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """Adadelta (csrc/rules/adadelta.h)::
 
         g = -g if maximize;  g += wd*p
@@ -560,7 +705,8 @@ def adadelta_(params, grads, square_avgs, acc_deltas, state_steps, *, lr, rho, e
     st = _Step("adadelta_", params, grads, {"square_avgs": square_avgs, "acc_deltas": acc_deltas},
                {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -575,13 +721,13 @@ def adadelta_(params, grads, square_avgs, acc_deltas, state_steps, *, lr, rho, e
         acc_delta.mul_(rho).add_(delta * delta, alpha=1 - rho)
         p.add_(delta, alpha=-lr)
         st.store_param(i, param, p)
-        _store(square_avgs[i], square_avg)
-        _store(acc_deltas[i], acc_delta)
+        st.store(square_avgs[i], square_avg)
+        st.store(acc_deltas[i], acc_delta)
 
 
 @torch.no_grad()
 def asgd_(params, grads, axs, state_steps, etas, mus, *, lr, lambd, alpha, t0, weight_decay, maximize,
-          lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+          lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """ASGD (csrc/rules/asgd.h), with eta and mu as the previous step stored them::
 
         g = -g if maximize;  g += wd*p;  p = p*(1 - lambd*eta) - eta*g
@@ -590,7 +736,8 @@ def asgd_(params, grads, axs, state_steps, etas, mus, *, lr, lambd, alpha, t0, w
     """
     st = _Step("asgd_", params, grads, {"axs": axs}, {"state_steps": state_steps, "etas": etas, "mus": mus},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -607,7 +754,7 @@ def asgd_(params, grads, axs, state_steps, etas, mus, *, lr, lambd, alpha, t0, w
         else:
             ax.add_((p - ax).mul_(mu))
         st.store_param(i, param, p)
-        _store(axs[i], ax)
+        st.store(axs[i], ax)
         etas[i].fill_(lr / (1 + lambd * lr * step) ** alpha)
         mus[i].fill_(1 / max(1, step - t0))
 
@@ -615,7 +762,7 @@ def asgd_(params, grads, axs, state_steps, etas, mus, *, lr, lambd, alpha, t0, w
 @torch.no_grad()
 def rprop_(params, grads, prevs, step_sizes, state_steps, *, lr, etaminus, etaplus, step_size_min,
            step_size_max, maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
-           rounding_seed=None) -> None:
+           rounding_seed=None, state_scales=()) -> None:
     """Rprop (csrc/rules/rprop.h); ``lr`` only fills new step sizes (the class's)::
 
         g = -g if maximize;  x = g*prev
@@ -625,7 +772,8 @@ def rprop_(params, grads, prevs, step_sizes, state_steps, *, lr, etaminus, etapl
     st = _Step("rprop_", params, grads, {"prevs": prevs, "step_sizes": step_sizes},
                {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     for i, param in enumerate(params):
@@ -641,13 +789,13 @@ def rprop_(params, grads, prevs, step_sizes, state_steps, *, lr, etaminus, etapl
         p.sub_(g.sign() * step_size)
         prev.copy_(g)
         st.store_param(i, param, p)
-        _store(prevs[i], prev)
-        _store(step_sizes[i], step_size)
+        st.store(prevs[i], prev)
+        st.store(step_sizes[i], step_size)
 
 
 @torch.no_grad()
 def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, lr_tensor=None,
-          grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+          grad_scale=None, found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """Lion (csrc/rules/lion.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd
@@ -655,7 +803,8 @@ def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, 
     """
     st = _Step("lion_", params, grads, {"exp_avgs": exp_avgs}, {},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -669,13 +818,13 @@ def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, 
         p.add_((beta1 * exp_avg).add_(g * (1 - beta1)).sign_(), alpha=-lr)
         exp_avg.mul_(beta2).add_(g * (1 - beta2))
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
+        st.store(exp_avgs[i], exp_avg)
 
 
 @torch.no_grad()
 def adopt_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
            decoupled_weight_decay, clip_normalized_grad, maximize, lr_tensor=None, grad_scale=None,
-           found_inf=None, master_params=(), rounding_seed=None) -> None:
+           found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """ADOPT (csrc/rules/adopt.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2);  t += 1
@@ -686,7 +835,8 @@ def adopt_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta
     st = _Step("adopt_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -710,8 +860,8 @@ def adopt_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta
             p.add_(exp_avg, alpha=-lr)
             exp_avg_sq.mul_(beta2).add_(g * g, alpha=1 - beta2)
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
@@ -739,7 +889,8 @@ def grad_sq_norm(grads) -> Tensor:
 class BoundTensors:
     """A bucket's params, state slots (one list per slot of the op, in op
     order, empty for a slot the options leave out), per-tensor scalar states
-    (one list per scalar state: step counts, ...) and master copies, bound
+    (one list per scalar state: step counts, ...), master copies and, for
+    8-bit slots, their block scales (one list per slot, as ``slots``), bound
     once (Note [Bound tensors] in csrc/bound_ops.cpp)."""
 
     # The list ops a step calls (``adam_``, ...): this module's, or those
@@ -749,7 +900,7 @@ class BoundTensors:
     ops: Any = sys.modules[__name__]
 
     def __init__(self, params: list[Tensor], slots: list[list[Tensor]], scalar_states: list[list[Tensor]],
-                 masters: list[Tensor], ops: Any = None) -> None:
+                 masters: list[Tensor], scales: list[list[Tensor]] | None = None, ops: Any = None) -> None:
         if ops is not None:
             self.ops = ops
         n = len(params)
@@ -760,12 +911,18 @@ class BoundTensors:
                                        f"{len(tensors)}")
         if masters and len(masters) != n:
             raise RuntimeError(f"fastopt.BoundTensors: got {n} params but {len(masters)} master copies")
+        scales = scales or []
+        for tensors in scales:
+            if tensors and len(tensors) != n:
+                raise RuntimeError(f"fastopt.BoundTensors: got {n} params but a scale list of {len(tensors)}")
         self.params, self.slots, self.scalar_states, self.masters = params, slots, scalar_states, masters
+        self.scales = scales
 
     def step_tensors(self):
         """The bound lists restricted to params that have a grad: (params, grads,
-        slot lists, scalar-state lists, master copies), or None when no param
-        has one."""
+        slot lists, scalar-state lists, master copies, the state_scales of the
+        list op: the 8-bit slots' scale lists joined, slot-major), or None when
+        no param has one."""
         keep = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not keep:
             return None
@@ -775,23 +932,25 @@ class BoundTensors:
 
         params = select(self.params)
         return (params, [p.grad for p in params], [select(slot) for slot in self.slots],
-                [select(states) for states in self.scalar_states], select(self.masters))
+                [select(states) for states in self.scalar_states], select(self.masters),
+                [t for scales in self.scales for t in select(scales)])
 
     def check(self) -> None:
         """Checks this step's tensors as the bucket's op will, before another
         bucket's op runs (Note [Atomic steps across buckets] in csrc/bound_ops.cpp)."""
         tensors = self.step_tensors()
         if tensors is not None:
-            params, grads, slots, scalar_states, masters = tensors
+            params, grads, slots, scalar_states, masters, state_scales = tensors
             _check_lists("BoundTensors.check", params, grads,
                          {f"state_slots{k}": slot for k, slot in enumerate(slots) if slot},
-                         {f"scalar_states{c}": states for c, states in enumerate(scalar_states)}, masters)
+                         {f"scalar_states{c}": states for c, states in enumerate(scalar_states)}, masters,
+                         state_scales=state_scales)
 
 
 @torch.no_grad()
 def adabound_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
               final_lr, base_lr, gamma, eps, weight_decay, amsbound, maximize, lr_tensor=None,
-              grad_scale=None, found_inf=None, master_params=(), rounding_seed=None) -> None:
+              grad_scale=None, found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """AdaBound / AMSBound (csrc/rules/adabound.h)::
 
         g = -g if maximize;  g += wd*p
@@ -807,7 +966,8 @@ def adabound_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
     st = _Step("adabound_", params, grads, slots, {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -827,20 +987,20 @@ def adabound_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
         if amsbound:
             second_moment = st.load(max_exp_avg_sqs[i])
             torch.maximum(second_moment, exp_avg_sq, out=second_moment)
-            _store(max_exp_avg_sqs[i], second_moment)
+            st.store(max_exp_avg_sqs[i], second_moment)
         rate = torch.full_like(exp_avg, step_size).div_(second_moment.sqrt().add_(eps))
         # Bounds in opmath, as the kernels take them (a bound beyond float32's range is inf there).
         bounds = torch.tensor([lower, upper], dtype=st.opmath)
         p.sub_(rate.clamp_(bounds[0], bounds[1]).mul_(exp_avg))
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
 def qhadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, nu1, nu2, eps,
             weight_decay, decouple_weight_decay, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
-            master_params=(), rounding_seed=None) -> None:
+            master_params=(), rounding_seed=None, state_scales=()) -> None:
     """QHAdam (csrc/rules/qhadam.h)::
 
         g = -g if maximize;  p *= 1 - lr*wd (decoupled)  or  g += wd*p (L2)
@@ -850,7 +1010,8 @@ def qhadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, bet
     st = _Step("qhadam_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
                {"state_steps": state_steps},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     lr = st.lr
@@ -863,14 +1024,14 @@ def qhadam_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, bet
         denom = ((1 - nu2) * (g * g) + (nu2 / (1 - beta2**step)) * exp_avg_sq).sqrt_().add_(eps)
         p.add_(numerator / denom, alpha=-lr)
         st.store_param(i, param, p)
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()
 def aggmo_(params, grads, momentum_buffers_0, momentum_buffers_1, momentum_buffers_2, *, lr, beta1, beta2,
            beta3, num_betas, weight_decay, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
-           master_params=(), rounding_seed=None) -> None:
+           master_params=(), rounding_seed=None, state_scales=()) -> None:
     """AggMo (csrc/rules/aggmo.h), K = num_betas buffers::
 
         g = -g if maximize;  g += wd*p
@@ -883,7 +1044,8 @@ def aggmo_(params, grads, momentum_buffers_0, momentum_buffers_1, momentum_buffe
     betas = (beta1, beta2, beta3)[:count]
     st = _Step("aggmo_", params, grads, {f"momentum_buffers_{k}": buffers[k] for k in range(count)}, {},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     neg_step_size = -(st.lr / count)
@@ -896,13 +1058,13 @@ def aggmo_(params, grads, momentum_buffers_0, momentum_buffers_1, momentum_buffe
             buf = st.load(buffer_list[i])
             buf.mul_(beta).add_(g)
             p.add_(neg_step_size * buf)
-            _store(buffer_list[i], buf)
+            st.store(buffer_list[i], buf)
         st.store_param(i, param, p)
 
 
 @torch.no_grad()
 def lookahead_(params, grads, slow_params, *, lr, alpha, maximize, lr_tensor=None, grad_scale=None,
-               found_inf=None, master_params=(), rounding_seed=None) -> None:
+               found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
     """Lookahead's synchronization (csrc/rules/lookahead.h), grads unused (the
     caller passes the params)::
 
@@ -910,7 +1072,8 @@ def lookahead_(params, grads, slow_params, *, lr, alpha, maximize, lr_tensor=Non
     """
     st = _Step("lookahead_", params, grads, {"slow_params": slow_params}, {},
                lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-               master_params=master_params, rounding_seed=rounding_seed)
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
     if st.skip:
         return
     for i, param in enumerate(params):
@@ -918,7 +1081,7 @@ def lookahead_(params, grads, slow_params, *, lr, alpha, maximize, lr_tensor=Non
         slow.add_(alpha * (p - slow))
         p.copy_(slow)
         st.store_param(i, param, p)
-        _store(slow_params[i], slow)
+        st.store(slow_params[i], slow)
 
 
 def _bound_step(op: str, bound: BoundTensors, **hyper) -> None:
@@ -926,8 +1089,9 @@ def _bound_step(op: str, bound: BoundTensors, **hyper) -> None:
     passed in op order, as csrc/bound_ops.cpp does."""
     tensors = bound.step_tensors()
     if tensors is not None:
-        params, grads, slots, scalar_states, masters = tensors
-        getattr(bound.ops, op)(params, grads, *slots, *scalar_states, master_params=masters, **hyper)
+        params, grads, slots, scalar_states, masters, state_scales = tensors
+        scales = {"state_scales": state_scales} if state_scales else {}
+        getattr(bound.ops, op)(params, grads, *slots, *scalar_states, master_params=masters, **scales, **hyper)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,10 @@
 // and the scalar tail round identically.  Storage (Note [Storage of a step])
 // fixes the dtypes of the param and state streams and whether a float32
 // master copy or stochastic rounding is involved; the rule sees opmath values
-// only.
+// only.  8-bit state (uint8 slots, Note [8-bit state]) is walked block by
+// block instead: a range of the parallel region is a range of whole blocks,
+// each decoded into float buffers, updated by the same element loop and
+// encoded with its new scale.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -27,6 +30,7 @@
 #include <vector>
 
 #include "../rules/common.h"
+#include "../rules/quantization.h"
 #include "../rules/rounding.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -69,7 +73,9 @@ const char* isa_name(Isa isa);
 //   kMaster: a float32 master copy of each 16-bit param, which the rule
 //            updates; the param receives its rounding to nearest;
 //   kStochasticRounding: bfloat16 params stored with stochastic rounding
-//            (Note [Stochastic rounding] in rules/rounding.h).
+//            (Note [Stochastic rounding] in rules/rounding.h);
+//   kQuantized: state_t is uint8_t, 8-bit codes with a float32 scale per
+//            block (Note [8-bit state] in rules/quantization.h).
 // Arithmetic is in opmath_t: float, or double for double params.
 template <typename param_t, typename state_t, bool kMasterCopy, bool kStochastic>
 struct Storage {
@@ -78,9 +84,16 @@ struct Storage {
   using opmath_t = at::opmath_type<param_t>;
   static constexpr bool kMaster = kMasterCopy;
   static constexpr bool kStochasticRounding = kStochastic;
+  static constexpr bool kQuantized = std::is_same_v<state_t, uint8_t>;
   static_assert(!kStochastic || (std::is_same_v<param_t, c10::BFloat16> && !kMasterCopy),
                 "stochastic rounding is for bfloat16 params without a master copy");
+  static_assert(!kQuantized || std::is_same_v<opmath_t, float>, "8-bit state is for float opmath");
 };
+
+// The storage the rule's element loop sees for 8-bit state: the same params,
+// the slots as decoded float buffers.
+template <class Store>
+using DecodedStorage = Storage<typename Store::param_type, float, Store::kMaster, Store::kStochasticRounding>;
 
 // One tensor's streams as raw pointers into its (dense) memory.
 template <class Store, int kNumSlots>
@@ -89,20 +102,29 @@ struct TensorStreams {
   const typename Store::param_type* grad;
   typename Store::state_type* slot[kNumSlots > 0 ? kNumSlots : 1];
   float* master;  // Store::kMaster only
+  float* scale[kNumSlots > 0 ? kNumSlots : 1];  // Store::kQuantized only: block scales
   int64_t numel;
   int64_t scalars_index;  // into Task::scalars
   uint32_t index;         // within the call: part of the stochastic rounding hash
+  int64_t first_element;  // the element index of param[0] in the tensor (ditto)
+};
+
+// What every element of a step shares besides the rule's scalars.
+template <typename opmath_t>
+struct ElementOptions {
+  bool maximize = false;
+  opmath_t grad_scale = 1;     // AMP: grads are divided by it
+  uint32_t rounding_seed = 0;  // Store::kStochasticRounding only
 };
 
 template <class Rule, class Store>
 struct Task {
   using opmath_t = typename Store::opmath_t;
   std::vector<TensorStreams<Store, Rule::kNumSlots>> tensors;
-  std::vector<int64_t> offsets;  // offsets[t] = elements before tensor t; size tensors + 1
+  // offsets[t] = elements (8-bit state: blocks) before tensor t; size tensors + 1
+  std::vector<int64_t> offsets;
   std::vector<typename Rule::template Scalars<opmath_t>> scalars;
-  bool maximize = false;
-  opmath_t grad_scale = 1;     // AMP: grads are divided by it
-  uint32_t rounding_seed = 0;  // Store::kStochasticRounding only
+  ElementOptions<opmath_t> options;
 };
 
 inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t tensor,
@@ -116,7 +138,7 @@ inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t t
 
 template <class Rule, class Store>
 FASTOPT_ALWAYS_INLINE void update_elements(
-    const TensorStreams<Store, Rule::kNumSlots>& t, const Task<Rule, Store>& task,
+    const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<typename Store::opmath_t>& options,
     const typename Rule::template Scalars<typename Store::opmath_t>& scalars, int64_t begin,
     int64_t end) {
   using opmath_t = typename Store::opmath_t;
@@ -130,9 +152,10 @@ FASTOPT_ALWAYS_INLINE void update_elements(
   const auto streams = t;
   // maximize as a sign factor, not a select: GCC does not vectorize a select
   // on a loop-invariant bool in loops that mix 16-bit loads with float math.
-  const opmath_t grad_sign = task.maximize ? opmath_t(-1) : opmath_t(1);
-  const opmath_t grad_scale = task.grad_scale;
-  const uint32_t seed = task.rounding_seed;
+  const opmath_t grad_sign = options.maximize ? opmath_t(-1) : opmath_t(1);
+  const opmath_t grad_scale = options.grad_scale;
+  const uint32_t seed = options.rounding_seed;
+  const int64_t first_element = streams.first_element;
   param_t* param = streams.param;
   const param_t* grad = streams.grad;
   float* master = streams.master;
@@ -145,7 +168,7 @@ FASTOPT_ALWAYS_INLINE void update_elements(
     Rule::update(p, g, slot, s);
     if constexpr (Store::kMaster) master[i] = static_cast<float>(p);
     if constexpr (Store::kStochasticRounding) {
-      param[i] = round_stochastically(static_cast<float>(p), seed, streams.index, i);
+      param[i] = round_stochastically(static_cast<float>(p), seed, streams.index, first_element + i);
     } else {
       param[i] = static_cast<param_t>(p);
     }
@@ -153,7 +176,37 @@ FASTOPT_ALWAYS_INLINE void update_elements(
   }
 }
 
-// Elements [begin, end) of the concatenation of all tensors of the task.
+// One block of a tensor with 8-bit state: its slots decoded into float
+// buffers, the element loop of the rule over them, and the new values
+// encoded with the block's new scales (one read and one write of each code).
+template <class Rule, class Store>
+FASTOPT_ALWAYS_INLINE void update_block(
+    const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<float>& options,
+    const typename Rule::template Scalars<float>& scalars, int64_t block) {
+  constexpr int kSlots = Rule::kNumSlots > 0 ? Rule::kNumSlots : 1;
+  using Decoded = DecodedStorage<Store>;
+  const int64_t begin = block * quantization::kBlockElements;
+  const int64_t count = std::min(quantization::kBlockElements, t.numel - begin);
+  alignas(64) float values[kSlots][quantization::kBlockElements];
+  TensorStreams<Decoded, Rule::kNumSlots> decoded{};
+  decoded.param = t.param + begin;
+  decoded.grad = t.grad + begin;
+  decoded.master = Store::kMaster ? t.master + begin : nullptr;
+  decoded.numel = count;
+  decoded.index = t.index;
+  decoded.first_element = begin;
+  for (int k = 0; k < Rule::kNumSlots; ++k) {
+    quantization::decode_block(t.slot[k] + begin, t.scale[k][block], count, values[k]);
+    decoded.slot[k] = values[k];
+  }
+  update_elements<Rule, Decoded>(decoded, options, scalars, 0, count);
+  for (int k = 0; k < Rule::kNumSlots; ++k) {
+    quantization::encode_block(values[k], count, t.slot[k] + begin, &t.scale[k][block]);
+  }
+}
+
+// Elements (8-bit state: blocks) [begin, end) of the concatenation of all
+// tensors of the task.
 template <class Rule, class Store>
 FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
   const auto& off = task.offsets;
@@ -161,8 +214,14 @@ FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, Store>& task, int6
   for (; begin < end; ++t) {
     const int64_t stop = std::min(end, off[t + 1]);
     const auto& tensor = task.tensors[t];
-    update_elements<Rule, Store>(tensor, task, task.scalars[tensor.scalars_index], begin - off[t],
-                                 stop - off[t]);
+    const auto& scalars = task.scalars[tensor.scalars_index];
+    if constexpr (Store::kQuantized) {
+      for (int64_t block = begin - off[t]; block < stop - off[t]; ++block) {
+        update_block<Rule, Store>(tensor, task.options, scalars, block);
+      }
+    } else {
+      update_elements<Rule, Store>(tensor, task.options, scalars, begin - off[t], stop - off[t]);
+    }
     begin = stop;
   }
 }
@@ -199,8 +258,9 @@ void run(const Task<Rule, Store>& task) {
 #endif
   const int64_t total = task.offsets.back();
   if (total == 0) return;
-  at::parallel_for(0, total, kCpuMinElementsPerThread,
-                   [&](int64_t begin, int64_t end) { update_range(task, begin, end); });
+  const int64_t grain = Store::kQuantized ? kCpuMinElementsPerThread / quantization::kBlockElements
+                                          : kCpuMinElementsPerThread;
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) { update_range(task, begin, end); });
 }
 
 }  // namespace fastopt::cpu

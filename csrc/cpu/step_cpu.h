@@ -41,8 +41,9 @@ inline void write_scalar_state(const at::Tensor& state, double value) {
 
 // Calls fn(Storage<...>{}) for the storage of a call (Note [Storage of a
 // step]), which check_storage has accepted.  kStorageOptions = false
-// instantiates the plain storages only (the roofline).
-template <bool kStorageOptions, class Fn>
+// instantiates the plain storages only (the roofline); kQuantized = false
+// leaves out 8-bit state (rules without slots).
+template <bool kStorageOptions, bool kQuantized, class Fn>
 void with_storage(at::ScalarType param, at::ScalarType state, bool master, bool stochastic,
                   Fn&& fn) {
   using BF16 = c10::BFloat16;
@@ -56,6 +57,24 @@ void with_storage(at::ScalarType param, at::ScalarType state, bool master, bool 
               " state for ", param, " params", master ? " with master_params" : "",
               stochastic ? " with rounding_seed" : "");
   if constexpr (kStorageOptions) {
+    if constexpr (kQuantized) {
+      if (state == at::kByte) {
+        if (master) {
+          param == at::kBFloat16 ? fn(Storage<BF16, uint8_t, true, false>{})
+                                 : fn(Storage<F16, uint8_t, true, false>{});
+        } else if (stochastic) {
+          fn(Storage<BF16, uint8_t, false, true>{});
+        } else {
+          switch (param) {
+            case at::kHalf: fn(Storage<F16, uint8_t, false, false>{}); break;
+            case at::kBFloat16: fn(Storage<BF16, uint8_t, false, false>{}); break;
+            default: fn(Storage<float, uint8_t, false, false>{}); break;
+          }
+        }
+        return;
+      }
+    }
+    TORCH_CHECK(state != at::kByte, "fastopt: uint8 state for a rule without state slots");
     const bool float_state = state == at::kFloat;
     if (master) {
       if (param == at::kBFloat16) {
@@ -104,26 +123,28 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
   check_tensors_at(op, 0, params, grads, slots, scalar_states, c10::kCPU, state_dtype, masters);
   const bool stochastic = step_args.rounding_seed.has_value();
   check_storage(op, params[0].scalar_type(), state_dtype, !masters.empty(), stochastic);
+  check_state_scales(op, params, slots.size(), step_args.state_scales, state_dtype == at::kByte);
 
-  with_storage<kStorageOptions>(params[0].scalar_type(), state_dtype, !masters.empty(), stochastic,
-                                [&](auto storage) {
+  with_storage<kStorageOptions, (kSlots > 0)>(params[0].scalar_type(), state_dtype, !masters.empty(),
+                                              stochastic, [&](auto storage) {
     using Store = decltype(storage);
     using param_t = typename Store::param_type;
     using state_t = typename Store::state_type;
     using opmath_t = typename Store::opmath_t;
     Task<Rule, Store> task;
-    task.maximize = maximize;
-    if (step_args.grad_scale) task.grad_scale = step_args.grad_scale->item<opmath_t>();
+    task.options.maximize = maximize;
+    if (step_args.grad_scale) task.options.grad_scale = step_args.grad_scale->item<opmath_t>();
     if (step_args.lr_tensor) hyper.lr = step_args.lr_tensor->item<double>();
     // The seed's low 32 bits feed the hash (Note [Stochastic rounding]).
-    if (stochastic) task.rounding_seed = uint32_t(*step_args.rounding_seed);
+    if (stochastic) task.options.rounding_seed = uint32_t(*step_args.rounding_seed);
     task.tensors.resize(n);
     task.offsets.resize(n + 1);
     task.offsets[0] = 0;
 
     // Check every tensor and lay out the streams, in parallel over params.
     // The tensors of one param are walked in place when they share the
-    // param's strides and the param is dense; the others are staged below.
+    // param's strides and the param is dense (8-bit state: contiguous, as its
+    // blocks run in row-major order); the others are staged below.
     std::vector<char> staged_param(n, 0);
     at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -132,9 +153,14 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
         bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
         for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
         if (Store::kMaster) direct = direct && masters[i].strides() == p.strides();
+        if (Store::kQuantized) direct = direct && p.is_contiguous();
         auto& t = task.tensors[i];
         t.numel = p.numel();
         t.index = uint32_t(i);
+        t.first_element = 0;
+        if constexpr (Store::kQuantized) {
+          for (int k = 0; k < kSlots; ++k) t.scale[k] = step_args.state_scales[k * n + i].data_ptr<float>();
+        }
         if (!direct) {
           staged_param[i] = 1;
           continue;
@@ -165,7 +191,8 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
         }
         t.master = Store::kMaster ? static_cast<float*>(staged_ptr(masters[i], true)) : nullptr;
       }
-      task.offsets[i + 1] = task.offsets[i] + task.tensors[i].numel;
+      const int64_t numel = task.tensors[i].numel;
+      task.offsets[i + 1] = task.offsets[i] + (Store::kQuantized ? quantization::num_blocks(numel) : numel);
     }
 
     // Nothing has been written so far; from here on the step happens,

@@ -18,7 +18,11 @@
 // every pointer of a tensor is 16-byte aligned, one element at a time
 // otherwise; arithmetic is in float for 16-bit dtypes (double for double).
 // Storage (params, state, master copies, stochastic rounding) is that of
-// Note [Storage of a step] in csrc/cpu/multi_tensor_apply.h.
+// Note [Storage of a step] in csrc/cpu/multi_tensor_apply.h.  With 8-bit
+// state (Note [8-bit state] in rules/quantization.h) each thread walks whole
+// blocks of 256 elements, so a block's scale needs no communication between
+// threads (and the kernel runs unchanged in the emulation): its slots decoded
+// into local buffers, the rule, and the codes encoded with the new scale.
 // This file includes no torch header (see step_launch.h).
 #pragma once
 
@@ -32,6 +36,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../rules/quantization.h"
 #include "../rules/rounding.h"
 #include "step_launch.h"
 
@@ -56,6 +61,9 @@ constexpr int kMaxKernelArgBytes = 4096;
 constexpr int kBytesPerTensor = 80;
 // Leaves room for the hyperparameters and flags of the largest rule.
 constexpr int kMaxTensorsPerLaunch = (kMaxKernelArgBytes - 256) / kBytesPerTensor;
+// With 8-bit state a tensor also passes its slots' scale pointers.
+constexpr int kMaxQuantizedTensorsPerLaunch =
+    (kMaxKernelArgBytes - 256) / (kBytesPerTensor + kMaxSlots * int(sizeof(float*)));
 
 template <typename scalar_t> struct OpMath { using type = float; };
 template <> struct OpMath<double> { using type = double; };
@@ -99,13 +107,25 @@ struct Storage {
   using opmath_t = typename OpMath<param_t>::type;
   static constexpr bool kMaster = kMasterCopy;
   static constexpr bool kStochasticRounding = kStochastic;
+  static constexpr bool kQuantized = std::is_same_v<state_t, uint8_t>;
+  static constexpr int kMaxTensors = kQuantized ? kMaxQuantizedTensorsPerLaunch : kMaxTensorsPerLaunch;
 };
+
+// The block scales of a tensor's 8-bit slots, a base of LaunchArgs::Tensor
+// (empty for other storages, so their arguments stay as small).
+template <bool kQuantized, int kSlots>
+struct SlotScales {
+  float* scale[kSlots];
+};
+template <int kSlots>
+struct SlotScales<false, kSlots> {};
 
 template <class Rule, class Store>
 struct LaunchArgs {
   static constexpr int kSlots = Rule::kNumSlots > 0 ? Rule::kNumSlots : 1;
   static constexpr int kStates = Rule::kNumScalarStates > 0 ? Rule::kNumScalarStates : 1;
-  struct Tensor {
+  static constexpr int kMaxTensors = Store::kMaxTensors;
+  struct Tensor : SlotScales<Store::kQuantized, kSlots> {
     typename Store::param_type* param;
     const typename Store::param_type* grad;
     typename Store::state_type* slot[kSlots];
@@ -115,8 +135,8 @@ struct LaunchArgs {
     uint32_t index;  // within the call: part of the stochastic rounding hash
     bool aligned;    // every stream aligned for vector loads and stores
   };
-  Tensor tensors[kMaxTensorsPerLaunch];
-  int32_t first_chunk[kMaxTensorsPerLaunch];  // chunks before tensor t in this launch
+  Tensor tensors[kMaxTensors];
+  int32_t first_chunk[kMaxTensors];  // chunks before tensor t in this launch
   int num_tensors;
   typename Rule::Hyper hyper;
   const double* lr;
@@ -173,6 +193,27 @@ __device__ __forceinline__ __nv_bfloat16 round_stochastically(float value, uint3
 template <class Store>
 constexpr int kVectorWidth = kVectorBytes / int(sizeof(typename Store::param_type));
 
+// The rule applied to one element: its param (or master copy) and grad as
+// stored, its slots in opmath; the param stored back as the storage says.
+template <class Rule, class Store>
+__device__ __forceinline__ void update_element(
+    typename Store::param_type& param, typename Store::param_type grad, float& master,
+    typename Store::opmath_t* slot, const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
+    typename Store::opmath_t grad_scale, typename Store::opmath_t grad_sign, uint32_t rounding_seed,
+    uint32_t tensor, int64_t index) {
+  using opmath_t = typename Store::opmath_t;
+  using param_t = typename Store::param_type;
+  opmath_t p = Store::kMaster ? opmath_t(master) : load_as<opmath_t>(param);
+  const opmath_t g = load_as<opmath_t>(grad) / grad_scale * grad_sign;
+  Rule::update(p, g, slot, scalars);
+  if constexpr (Store::kMaster) master = float(p);
+  if constexpr (Store::kStochasticRounding) {
+    param = round_stochastically(float(p), rounding_seed, tensor, index);
+  } else {
+    param = store_as<param_t>(p);
+  }
+}
+
 // The rule applied to elements [begin, end) of one tensor, kWidth elements
 // per thread and iteration (kWidth = 1: any alignment).
 template <class Rule, class Store, int kWidth>
@@ -198,18 +239,11 @@ __device__ __forceinline__ void update_elements(
     for (int k = 0; k < kSlots; ++k) slot[k] = *reinterpret_cast<const StatePack*>(t.slot[k] + i);
 #pragma unroll
     for (int e = 0; e < kWidth; ++e) {
-      opmath_t p = Store::kMaster ? opmath_t(master.v[e]) : load_as<opmath_t>(param.v[e]);
-      const opmath_t g = load_as<opmath_t>(grad.v[e]) / grad_scale * grad_sign;
       opmath_t s[kSlots > 0 ? kSlots : 1];
 #pragma unroll
       for (int k = 0; k < kSlots; ++k) s[k] = load_as<opmath_t>(slot[k].v[e]);
-      Rule::update(p, g, s, scalars);
-      if constexpr (Store::kMaster) master.v[e] = float(p);
-      if constexpr (Store::kStochasticRounding) {
-        param.v[e] = round_stochastically(float(p), args.rounding_seed, t.index, i + e);
-      } else {
-        param.v[e] = store_as<param_t>(p);
-      }
+      update_element<Rule, Store>(param.v[e], grad.v[e], master.v[e], s, scalars, grad_scale, grad_sign,
+                                  args.rounding_seed, t.index, i + e);
 #pragma unroll
       for (int k = 0; k < kSlots; ++k) slot[k].v[e] = store_as<state_t>(s[k]);
     }
@@ -217,6 +251,37 @@ __device__ __forceinline__ void update_elements(
     if constexpr (Store::kMaster) *reinterpret_cast<MasterPack*>(t.master + i) = master;
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) *reinterpret_cast<StatePack*>(t.slot[k] + i) = slot[k];
+  }
+}
+
+// One block of 8-bit state, walked by one thread (Note [CUDA driver layout]):
+// the slots decoded into local buffers, the rule, the codes encoded anew.
+template <class Rule, class Store>
+__device__ __forceinline__ void update_block(
+    const typename LaunchArgs<Rule, Store>::Tensor& t, const LaunchArgs<Rule, Store>& args,
+    const typename Rule::template Scalars<float>& scalars, float grad_scale, float grad_sign,
+    int64_t block) {
+  constexpr int kSlots = LaunchArgs<Rule, Store>::kSlots;
+  constexpr int64_t kBlock = quantization::kBlockElements;
+  const int64_t begin = block * kBlock;
+  const int64_t count = t.numel - begin < kBlock ? t.numel - begin : kBlock;
+  float values[kSlots][kBlock];
+  for (int k = 0; k < Rule::kNumSlots; ++k) {
+    quantization::decode_block(t.slot[k] + begin, t.scale[k][block], count, values[k]);
+  }
+  float unused_master = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    float s[kSlots];
+#pragma unroll
+    for (int k = 0; k < Rule::kNumSlots; ++k) s[k] = values[k][i];
+    update_element<Rule, Store>(t.param[begin + i], t.grad[begin + i],
+                                Store::kMaster ? t.master[begin + i] : unused_master, s, scalars,
+                                grad_scale, grad_sign, args.rounding_seed, t.index, begin + i);
+#pragma unroll
+    for (int k = 0; k < Rule::kNumSlots; ++k) values[k][i] = s[k];
+  }
+  for (int k = 0; k < Rule::kNumSlots; ++k) {
+    quantization::encode_block(values[k], count, t.slot[k] + begin, &t.scale[k][block]);
   }
 }
 
@@ -247,6 +312,15 @@ __global__ void __launch_bounds__(kBlockThreads)
   const opmath_t grad_sign = args.maximize ? opmath_t(-1) : opmath_t(1);
   const int64_t begin = int64_t(chunk - args.first_chunk[lo]) * kChunkElements;
   const int64_t end = begin + kChunkElements < t.numel ? begin + kChunkElements : t.numel;
+  if constexpr (Store::kQuantized) {
+    // Chunks are whole blocks (kChunkElements is a multiple of kBlockElements).
+    const int64_t end_block = quantization::num_blocks(end);
+    for (int64_t block = begin / quantization::kBlockElements + threadIdx.x; block < end_block;
+         block += blockDim.x) {
+      update_block<Rule, Store>(t, args, scalars, grad_scale, grad_sign, block);
+    }
+    return;
+  }
   constexpr int kWidth = kVectorWidth<Store>;
   if (t.aligned) {
     // Chunks start at multiples of kWidth, so only the tensor's last chunk
@@ -313,6 +387,7 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     for (int k = 0; k < Rule::kNumSlots; ++k) {
       t.slot[k] = static_cast<state_t*>(in.slot[k]);
       t.aligned = t.aligned && aligned<state_t, kWidth>(in.slot[k]);
+      if constexpr (Store::kQuantized) t.scale[k] = in.scale[k];
     }
     t.master = in.master;
     if (Store::kMaster) t.aligned = t.aligned && aligned<float, kWidth>(in.master);
@@ -349,8 +424,9 @@ constexpr int64_t kMaxChunksPerLaunch = (int64_t(1) << 31) - 1;
 
 // Calls fn(Storage<...>{}) for the launch's storage, as the CPU driver's
 // with_storage does (the combinations check_storage accepts).
-// kStorageOptions = false instantiates the plain storages only.
-template <bool kStorageOptions, class Fn>
+// kStorageOptions = false instantiates the plain storages only; kQuantized =
+// false leaves out 8-bit state (rules without slots).
+template <bool kStorageOptions, bool kQuantized, class Fn>
 void with_storage(const StepLaunch& launch, Fn&& fn) {
   using BF16 = __nv_bfloat16;
   using F16 = __half;
@@ -360,6 +436,7 @@ void with_storage(const StepLaunch& launch, Fn&& fn) {
       case Dtype::kFloat64: fn(Storage<double, double, false, false>{}); break;
       case Dtype::kFloat16: fn(Storage<F16, F16, false, false>{}); break;
       case Dtype::kBFloat16: fn(Storage<BF16, BF16, false, false>{}); break;
+      case Dtype::kUInt8: throw std::runtime_error("fastopt: uint8 params");
     }
     return;
   }
@@ -367,6 +444,26 @@ void with_storage(const StepLaunch& launch, Fn&& fn) {
     throw std::runtime_error("fastopt: this op takes state of the params' dtype only");
   }
   if constexpr (kStorageOptions) {
+    if constexpr (kQuantized) {
+      if (launch.state_dtype == Dtype::kUInt8) {
+        if (launch.master) {
+          launch.dtype == Dtype::kBFloat16 ? fn(Storage<BF16, uint8_t, true, false>{})
+                                           : fn(Storage<F16, uint8_t, true, false>{});
+        } else if (launch.stochastic_rounding) {
+          fn(Storage<BF16, uint8_t, false, true>{});
+        } else {
+          switch (launch.dtype) {
+            case Dtype::kFloat16: fn(Storage<F16, uint8_t, false, false>{}); break;
+            case Dtype::kBFloat16: fn(Storage<BF16, uint8_t, false, false>{}); break;
+            default: fn(Storage<float, uint8_t, false, false>{}); break;
+          }
+        }
+        return;
+      }
+    }
+    if (launch.state_dtype == Dtype::kUInt8) {
+      throw std::runtime_error("fastopt: uint8 state for a rule without state slots");
+    }
     const bool float_state = launch.state_dtype == Dtype::kFloat32;
     if (launch.master) {
       if (launch.dtype == Dtype::kBFloat16) {
@@ -412,13 +509,13 @@ inline void check_driver_supports_launch_size() {
 template <class Rule, bool kStorageOptions = true>
 void launch_rule(const StepLaunch& launch, const typename Rule::Hyper& hyper) {
   check_driver_supports_launch_size();
-  with_storage<kStorageOptions>(launch, [&](auto storage) {
+  with_storage<kStorageOptions, (Rule::kNumSlots > 0)>(launch, [&](auto storage) {
     using Store = decltype(storage);
     int64_t begin = 0;
     while (begin < launch.num_tensors) {
       int64_t end = begin;
       int64_t chunks = 0;
-      while (end < launch.num_tensors && end - begin < kMaxTensorsPerLaunch) {
+      while (end < launch.num_tensors && end - begin < Store::kMaxTensors) {
         const int64_t tensor_chunks = (launch.tensors[end].numel + kChunkElements - 1) / kChunkElements;
         if (end > begin && chunks + tensor_chunks > kMaxChunksPerLaunch) break;
         chunks += tensor_chunks;

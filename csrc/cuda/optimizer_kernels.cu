@@ -7,7 +7,9 @@
 
 namespace fastopt::cuda {
 
-int64_t max_tensors_per_launch() { return kMaxTensorsPerLaunch; }
+int64_t max_tensors_per_launch(bool quantized_state) {
+  return quantized_state ? kMaxQuantizedTensorsPerLaunch : kMaxTensorsPerLaunch;
+}
 
 void roofline_step(const StepLaunch& launch, int num_slots) {
   rules::with_roofline(num_slots, [&](auto rule) {

@@ -26,6 +26,7 @@ Dtype dtype_of(at::ScalarType type) {
     case at::kDouble: return Dtype::kFloat64;
     case at::kHalf: return Dtype::kFloat16;
     case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kByte: return Dtype::kUInt8;
     default: TORCH_CHECK(false, "fastopt: unsupported dtype ", type);
   }
 }
@@ -83,6 +84,8 @@ void prepare(const char* op, const StepLists& lists, HyperT& hyper, bool maximiz
   }
   const bool stochastic = step_args.rounding_seed.has_value();
   check_storage(op, params[0].scalar_type(), state_dtype, !masters.empty(), stochastic);
+  const bool quantized = state_dtype == at::kByte;
+  check_state_scales(op, params, slots.size(), step_args.state_scales, quantized);
   const at::Device device = params[0].device();
   if (step_args.lr_tensor.has_value() && step_args.lr_tensor->is_cpu()) {
     hyper.lr = step_args.lr_tensor->item<double>();
@@ -109,6 +112,8 @@ void prepare(const char* op, const StepLists& lists, HyperT& hyper, bool maximiz
     bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
     for (const auto& slot : slots) direct = direct && slot.tensors[i].strides() == p.strides();
     if (!masters.empty()) direct = direct && masters[i].strides() == p.strides();
+    // 8-bit state: blocks run in row-major order (Note [8-bit state]).
+    if (quantized) direct = direct && p.is_contiguous();
     TensorPointers& t = step.tensors[i];
     t.numel = p.numel();
     for (size_t c = 0; c < scalar_states.size(); ++c) {
@@ -118,6 +123,7 @@ void prepare(const char* op, const StepLists& lists, HyperT& hyper, bool maximiz
     t.grad = direct ? grads[i].const_data_ptr() : staged(grads[i], false);
     for (size_t k = 0; k < slots.size(); ++k) {
       t.slot[k] = direct ? slots[k].tensors[i].data_ptr() : staged(slots[k].tensors[i], true);
+      if (quantized) t.scale[k] = step_args.state_scales[k * n + i].data_ptr<float>();
     }
     if (!masters.empty()) {
       t.master = static_cast<float*>(direct ? masters[i].data_ptr() : staged(masters[i], true));

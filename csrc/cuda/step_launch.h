@@ -12,15 +12,18 @@ struct CUstream_st;  // cudaStream_t, without the CUDA runtime headers
 
 namespace fastopt::cuda {
 
-enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
+// kUInt8: 8-bit state slots (Note [8-bit state] in rules/quantization.h).
+enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16, kUInt8 };
 
 // One param's streams in device memory: dense, all with the param's strides
-// (the launcher stages anything else through contiguous copies).
+// (contiguous with 8-bit state; the launcher stages anything else through
+// contiguous copies).
 struct TensorPointers {
   void* param;
   const void* grad;
   void* slot[kMaxSlots];  // the rule's slots in its order; unused ones null
   float* master;          // float32 master copy of the param, or null
+  float* scale[kMaxSlots];  // 8-bit slots: their block scales (contiguous); else null
   float* scalar_state[kMaxScalarStates];  // the optimizer's, on the device (step count, ...)
   int64_t numel;
 };
@@ -45,9 +48,9 @@ struct StepLaunch {
   CUstream_st* stream;
 };
 
-// Most tensors one kernel launch takes (Note [CUDA driver layout]); a step
-// over more is split into several launches.
-int64_t max_tensors_per_launch();
+// Most tensors one kernel launch takes (Note [CUDA driver layout]), with
+// 8-bit state or without; a step over more is split into several launches.
+int64_t max_tensors_per_launch(bool quantized_state = false);
 
 // One step of an optimizer of the table (instantiated per optimizer in
 // generated translation units, Note [The optimizer table]), and of the

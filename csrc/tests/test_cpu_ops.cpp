@@ -255,7 +255,7 @@ std::vector<OpCase> adam_cases() {
             op<AdamOp>("fastopt::adam_")
                 .call(l.params, l.grads, l.slots[0], l.slots[1], amsgrad ? TL(l.slots[2]) : TL(none),
                       l.steps, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, decoupled, amsgrad,
-                      maximize, {}, {}, {}, {}, {});
+                      maximize, {}, {}, {}, {}, {}, {});
           };
           c.reference = [=](Tracked& p, Tracked g, Tracked* s, double step, int) {
             adam_reference(p, g, s, h, decoupled, amsgrad, step);
@@ -303,7 +303,7 @@ std::vector<OpCase> sgd_cases() {
           op<SgdOp>("fastopt::sgd_")
               .call(l.params, l.grads, momentum ? TL(l.slots[0]) : TL(none), h.lr, h.momentum,
                     h.dampening, h.weight_decay, h.nesterov, h.first_momentum_step, maximize, {}, {},
-                    {}, {}, {});
+                    {}, {}, {}, {});
         };
         c.reference = [=](Tracked& p, Tracked g, Tracked* s, double, int call) {
           sgd_reference(p, g, s, hyper(call), momentum, v.nesterov);
@@ -339,7 +339,7 @@ std::vector<OpCase> rmsprop_cases() {
             TL buffers = momentum ? TL(l.slots[centered ? 2 : 1]) : TL(none);
             op<RmspropOp>("fastopt::rmsprop_")
                 .call(l.params, l.grads, l.slots[0], grad_avgs, buffers, l.steps, h.lr, h.alpha,
-                      h.eps, h.weight_decay, h.momentum, centered, maximize, {}, {}, {}, {}, {});
+                      h.eps, h.weight_decay, h.momentum, centered, maximize, {}, {}, {}, {}, {}, {});
           };
           c.reference = [=](Tracked& p, Tracked g, Tracked* s, double, int) {
             rmsprop_reference(p, g, s, h, centered, momentum);
@@ -369,7 +369,7 @@ std::vector<OpCase> adagrad_cases() {
       c.call = [=](const OpLists& l, int) {
         op<AdagradOp>("fastopt::adagrad_")
             .call(l.params, l.grads, l.slots[0], l.steps, h.lr, h.lr_decay, h.weight_decay, h.eps,
-                  maximize, {}, {}, {}, {}, {});
+                  maximize, {}, {}, {}, {}, {}, {});
       };
       c.reference = [=](Tracked& p, Tracked g, Tracked* s, double step, int) {
         adagrad_reference(p, g, s, h, step);
@@ -493,7 +493,7 @@ void test_errors() {
   bad_grads[2] = at::randn({18});
   auto call_adam = [&](TL p, TL g, TL s0, TL s1, TL s2, TL st, bool amsgrad) {
     op<AdamOp>("fastopt::adam_").call(p, g, s0, s1, s2, st, 1e-3, 0.9, 0.999, 1e-8, 0.01, true,
-                                      amsgrad, false, {}, {}, {}, {}, {});
+                                      amsgrad, false, {}, {}, {}, {}, {}, {});
   };
   expect_error("adam_ grad of wrong shape", all, "grads[2] has shape [18]",
                [&] { call_adam(params, bad_grads, m, v, vmax, steps, true); });
@@ -523,20 +523,20 @@ void test_errors() {
                [&] { call_adam(ints, grads, m, v, none, steps, false); });
 
   expect_error("sgd_ grad of wrong shape", all, "grads[2] has shape [18]", [&] {
-    op<SgdOp>("fastopt::sgd_").call(params, bad_grads, m, 0.1, 0.9, 0.0, 0.0, false, false, false, {}, {}, {}, {}, {});
+    op<SgdOp>("fastopt::sgd_").call(params, bad_grads, m, 0.1, 0.9, 0.0, 0.0, false, false, false, {}, {}, {}, {}, {}, {});
   });
   expect_error("sgd_ missing momentum buffers", all, "but 0 momentum_buffers", [&] {
-    op<SgdOp>("fastopt::sgd_").call(params, grads, none, 0.1, 0.9, 0.0, 0.0, false, false, false, {}, {}, {}, {}, {});
+    op<SgdOp>("fastopt::sgd_").call(params, grads, none, 0.1, 0.9, 0.0, 0.0, false, false, false, {}, {}, {}, {}, {}, {});
   });
   expect_error("sgd_ nesterov without momentum", all, "nesterov needs momentum", [&] {
-    op<SgdOp>("fastopt::sgd_").call(params, grads, none, 0.1, 0.0, 0.0, 0.0, true, false, false, {}, {}, {}, {}, {});
+    op<SgdOp>("fastopt::sgd_").call(params, grads, none, 0.1, 0.0, 0.0, 0.0, true, false, false, {}, {}, {}, {}, {}, {});
   });
   expect_error("rmsprop_ grad of wrong shape", all, "grads[2] has shape [18]", [&] {
     op<RmspropOp>("fastopt::rmsprop_")
-        .call(params, bad_grads, v, m, extra, steps, 1e-2, 0.99, 1e-8, 0.0, 0.9, true, false, {}, {}, {}, {}, {});
+        .call(params, bad_grads, v, m, extra, steps, 1e-2, 0.99, 1e-8, 0.0, 0.9, true, false, {}, {}, {}, {}, {}, {});
   });
   expect_error("adagrad_ grad of wrong shape", all, "grads[2] has shape [18]", [&] {
-    op<AdagradOp>("fastopt::adagrad_").call(params, bad_grads, v, steps, 1e-2, 0.0, 0.0, 1e-10, false, {}, {}, {}, {}, {});
+    op<AdagradOp>("fastopt::adagrad_").call(params, bad_grads, v, steps, 1e-2, 0.0, 0.0, 1e-10, false, {}, {}, {}, {}, {}, {});
   });
   std::vector<at::Tensor> roofline_slots = m;
   roofline_slots.insert(roofline_slots.end(), extra.begin(), extra.end());

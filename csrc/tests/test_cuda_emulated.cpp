@@ -7,8 +7,8 @@
 // vector widths +- 1, the chunk size +- 1 and ~200k, with aligned streams
 // (the vector path) next to unaligned ones (the scalar path) in one launch;
 // maximize, weight decay, a grad_scale, an lr read through a device pointer,
-// a step skipped by found_inf (nothing changes, scalar states included) and
-// stochastic rounding.  Then more tensors than one launch takes (the step
+// a step skipped by found_inf (nothing changes, scalar states included),
+// stochastic rounding and 8-bit state (codes and block scales).  Then more tensors than one launch takes (the step
 // splits into launches, each advancing its tensors' scalar states once), and the
 // emulated half / bfloat16 conversions against c10's.
 //
@@ -76,6 +76,12 @@ const std::vector<StorageSpec>& all_storages() {
     for (at::ScalarType param : {at::kDouble, at::kHalf, at::kFloat}) {
       all.push_back({param, at::kBFloat16, false, false});
     }
+    for (at::ScalarType param : {at::kFloat, at::kHalf, at::kBFloat16}) {
+      all.push_back({param, at::kByte, false, false});
+    }
+    all.push_back({at::kBFloat16, at::kByte, true, false});
+    all.push_back({at::kHalf, at::kByte, true, false});
+    all.push_back({at::kBFloat16, at::kByte, false, true});
     return all;
   }();
   return storages;
@@ -86,6 +92,7 @@ cuda::Dtype cuda_dtype(at::ScalarType type) {
     case at::kFloat: return cuda::Dtype::kFloat32;
     case at::kDouble: return cuda::Dtype::kFloat64;
     case at::kHalf: return cuda::Dtype::kFloat16;
+    case at::kByte: return cuda::Dtype::kUInt8;
     default: return cuda::Dtype::kBFloat16;
   }
 }
@@ -131,14 +138,18 @@ struct Streams {
   std::vector<at::Tensor> params, masters;
   std::vector<std::vector<at::Tensor>> slots;          // [slot][tensor], the variant's slots
   std::vector<std::vector<at::Tensor>> scalar_states;  // [state][tensor], 0-dim float32
+  std::vector<std::vector<at::Tensor>> scales;  // [slot][tensor], 8-bit slots' block scales
 
   Streams copy() const {
     Streams out;
     for (const auto& t : params) out.params.push_back(twin(t));
     for (const auto& t : masters) out.masters.push_back(twin(t));
-    for (const auto& slot : slots) {
-      out.slots.emplace_back();
-      for (const auto& t : slot) out.slots.back().push_back(twin(t));
+    for (const auto* lists : {&slots, &scales}) {
+      auto& copies = lists == &slots ? out.slots : out.scales;
+      for (const auto& list : *lists) {
+        copies.emplace_back();
+        for (const auto& t : list) copies.back().push_back(twin(t));
+      }
     }
     for (const auto& states : scalar_states) {
       out.scalar_states.emplace_back();
@@ -179,6 +190,9 @@ void check_same_bits(const Streams& got, const Streams& expected, const std::str
     }
     for (size_t c = 0; c < got.scalar_states.size(); ++c) {
       check(got.scalar_states[c][t], expected.scalar_states[c][t], concat("scalar state ", c, " [", t, "]"));
+    }
+    for (size_t k = 0; k < got.scales.size(); ++k) {
+      check(got.scales[k][t], expected.scales[k][t], concat("scales of slot ", k, " [", t, "]"));
     }
   }
 }
@@ -261,6 +275,9 @@ Variant optimizer_variant(typename Optimizer::Hyper hyper,
     stack.emplace_back(a.found_inf);
     stack.emplace_back(a.masters ? c10::IValue(a.masters->vec()) : c10::IValue());
     stack.emplace_back(a.rounding_seed);
+    std::vector<at::Tensor> scales;  // slot-major
+    for (const auto& slot : s.scales) scales.insert(scales.end(), slot.begin(), slot.end());
+    stack.emplace_back(s.scales.empty() ? c10::IValue() : c10::IValue(scales));
     c10::Dispatcher::singleton()
         .findSchemaOrThrow((std::string("fastopt::") + Optimizer::kName + "_").c_str(), "")
         .callBoxed(stack);
@@ -352,6 +369,7 @@ struct EmulatedCall {
       p.param = s.params[t].data_ptr();
       p.grad = grads[t].const_data_ptr();
       for (size_t k = 0; k < s.slots.size(); ++k) p.slot[k] = s.slots[k][t].data_ptr();
+      for (size_t k = 0; k < s.scales.size(); ++k) p.scale[k] = s.scales[k][t].data_ptr<float>();
       p.master = s.masters.empty() ? nullptr : s.masters[t].data_ptr<float>();
       for (size_t c = 0; c < s.scalar_states.size(); ++c) {
         p.scalar_state[c] = s.scalar_states[c][t].data_ptr<float>();
@@ -397,8 +415,10 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
     t.copy_(values);
     return t;
   };
+  const bool quantized = storage.state == at::kByte;
   Streams cpu;
   cpu.slots.resize(v.num_slots);
+  if (quantized) cpu.scales.resize(v.num_slots);
   cpu.scalar_states.resize(v.initial_scalar_states.size());
   for (size_t t = 0; t < specs.size(); ++t) {
     const TensorSpec& spec = specs[t];
@@ -414,6 +434,7 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
     for (int k = 0; k < v.num_slots; ++k) {
       const bool misaligned = all || (spec.misaligned == Misaligned::kLastSlot && k == v.num_slots - 1);
       cpu.slots[k].push_back(allocate(spec.numel, misaligned, storage.state).zero_());
+      if (quantized) cpu.scales[k].push_back(at::zeros({(spec.numel + 255) / 256}, at::kFloat));
     }
     for (size_t c = 0; c < v.initial_scalar_states.size(); ++c) {
       cpu.scalar_states[c].push_back(at::full({}, v.initial_scalar_states[c](t), at::kFloat));
@@ -465,7 +486,7 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
     }
     // One update launch per group of tensors, and one scalar-state launch
     // after it (launched, and skipped on the device, under found_inf too).
-    const int64_t per_launch = cuda::max_tensors_per_launch();
+    const int64_t per_launch = cuda::max_tensors_per_launch(quantized);
     const int64_t groups = (int64_t(specs.size()) + per_launch - 1) / per_launch;
     const int64_t launches = emulation::launch_count - launches_before;
     const int64_t per_group = v.initial_scalar_states.empty() ? 1 : 2;
@@ -486,6 +507,7 @@ void test_variants_on_storages() {
   int case_index = 0;
   for (const Variant& v : variants()) {
     for (const StorageSpec& storage : v.plain_storage_only ? plain_storages() : all_storages()) {
+      if (storage.state == at::kByte && v.num_slots == 0) continue;  // no state to store in 8 bits
       run_case(v, storage, tensor_specs(), seed++, case_index++);
     }
   }
@@ -502,11 +524,13 @@ void test_many_tensors() {
   }
   const StorageSpec storages[] = {{at::kFloat, at::kFloat, false, false},
                                   {at::kBFloat16, at::kFloat, true, false},
-                                  {at::kBFloat16, at::kBFloat16, false, true}};
+                                  {at::kBFloat16, at::kBFloat16, false, true},
+                                  {at::kFloat, at::kByte, false, false}};
   int case_index = 0;
   for (const Variant& v : variants()) {
     for (const StorageSpec& storage : storages) {
-      if (v.plain_storage_only && (storage.master || storage.stochastic)) continue;
+      if (v.plain_storage_only && (storage.master || storage.stochastic || storage.state == at::kByte)) continue;
+      if (storage.state == at::kByte && v.num_slots == 0) continue;
       run_case(v, storage, specs, 1000 + case_index, case_index);
       ++case_index;
     }
