@@ -9,6 +9,8 @@ optimizer.  ``fastopt.backends()`` reports which compiled kernels are loaded.
 ``fastopt.GradScaler`` is torch.amp.GradScaler with one pass over the grads
 before a step with ``max_grad_norm``.
 ``fastopt.lr_range_test`` runs Smith's learning-rate range test with any optimizer.
+``fastopt.dequantize_state_dict`` turns the state_dict of an optimizer with
+8-bit state (``state_dtype=torch.uint8``) into torch.optim's float32 layout.
 """
 from ._extension import backends
 from .adabound import AdaBound
@@ -24,6 +26,7 @@ from .lion import Lion
 from .lookahead import Lookahead
 from .lr_range import LRRangeResult, lr_range_test
 from .nadam import NAdam
+from .optimizer import dequantize_state_dict
 from .qhadam import QHAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -33,5 +36,5 @@ from .sgd import SGD
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
            "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "Lookahead", "GradScaler",
-           "lr_range_test", "LRRangeResult",
+           "lr_range_test", "LRRangeResult", "dequantize_state_dict",
            "backends", "__version__"]

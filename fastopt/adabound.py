@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_adam_style
-from .optimizer import FusedOptimizer, _scalar, large_model_options
+from .optimizer import FusedOptimizer, _scalar, large_model_options, MIN_8BIT_SIZE
 
 
 class AdaBound(FusedOptimizer):
@@ -35,7 +35,8 @@ class AdaBound(FusedOptimizer):
                  amsbound: bool = False, *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=False, fused=None, eps=eps)
         if not 0.0 < lr:
             raise ValueError(f"Invalid learning rate: {lr} (AdaBound scales final_lr by lr / initial lr)")
@@ -56,7 +57,8 @@ class AdaBound(FusedOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)

@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, large_model_options
+from .optimizer import FusedOptimizer, large_model_options, MIN_8BIT_SIZE
 
 
 class Adagrad(FusedOptimizer):
     """Drop-in for :class:`torch.optim.Adagrad`; see :class:`fastopt.Adam` for
-    the keyword-only ``backend``.  Like torch.optim, the state of the
+    fastopt's keyword-only extras.  Like torch.optim, the state of the
     constructor's params is created at construction.  Sparse grads run on
-    the reference (see Note [Failed steps] in optimizer.py)."""
+    the reference (see Note [Failed steps] in optimizer.py); with 8-bit state
+    (``state_dtype=torch.uint8``) they are rejected."""
 
     _op = "adagrad"
     _op_slots = ("sum",)
@@ -22,7 +23,8 @@ class Adagrad(FusedOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -49,7 +51,8 @@ class Adagrad(FusedOptimizer):
             "fused": fused,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
@@ -69,7 +72,7 @@ class Adagrad(FusedOptimizer):
             value = group["initial_accumulator_value"]
             if param.is_complex():  # both halves of each (real, imaginary) pair, as torch.optim does
                 value = complex(value, value)
-            state["sum"] = self._new_slot(group, param, value)
+            self._new_slot(param, state, "sum", value)
 
     def _sparse_grad_problem(self, group):
         if group["weight_decay"] != 0:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_adam_style
-from .optimizer import FusedOptimizer, large_model_options, _scalar
+from .optimizer import FusedOptimizer, large_model_options, _scalar, MIN_8BIT_SIZE
 
 
 class Adam(FusedOptimizer):
@@ -22,6 +22,15 @@ class Adam(FusedOptimizer):
     global L2 norm to it inside the step, as ``torch.nn.utils.clip_grad_norm_``
     would before it, without rewriting ``p.grad``; ``last_grad_norm`` holds
     the norm of the last step.
+
+    Keyword-only large-model options (every fastopt optimizer; Note
+    [Large-model options] in fastopt/optimizer.py): ``master_weights`` (float32
+    copies of float16 / bfloat16 params), ``state_dtype`` (``torch.float32``,
+    ``torch.bfloat16`` or ``torch.uint8``: 8-bit block-quantized state, kept
+    as codes under torch.optim's key and float32 block scales under
+    ``"<key>_scales"``), ``min_8bit_size`` (with ``state_dtype=torch.uint8``,
+    params of fewer elements keep float32 state; default 4096) and
+    ``stochastic_rounding`` (bfloat16 params).
     """
 
     _op = "adam"
@@ -34,7 +43,8 @@ class Adam(FusedOptimizer):
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=capturable, fused=fused, eps=eps)
         defaults = {
             "lr": lr,
@@ -50,7 +60,8 @@ class Adam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -83,13 +94,14 @@ class AdamW(Adam):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, backend=backend,
                          max_grad_norm=max_grad_norm,
                          master_weights=master_weights, state_dtype=state_dtype,
-                         stochastic_rounding=stochastic_rounding)
+                         stochastic_rounding=stochastic_rounding, min_8bit_size=min_8bit_size)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, large_model_options, _scalar
+from .optimizer import FusedOptimizer, large_model_options, _scalar, MIN_8BIT_SIZE
 
 
 class Adamax(FusedOptimizer):
@@ -22,7 +22,8 @@ class Adamax(FusedOptimizer):
                  weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False, backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -46,7 +47,8 @@ class Adamax(FusedOptimizer):
             "capturable": capturable,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_adam_style
-from .optimizer import FusedOptimizer, _scalar, large_model_options
+from .optimizer import FusedOptimizer, _scalar, large_model_options, MIN_8BIT_SIZE
 
 
 def default_clip_lambda(step: float) -> float:
@@ -42,7 +42,7 @@ class ADOPT(FusedOptimizer):
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  backend: str | None = None, max_grad_norm: float | None = None,
                  master_weights: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=capturable, fused=fused,
                          eps=eps)
         if clip_lambda is not None and clip_lambda is not default_clip_lambda:
@@ -63,7 +63,8 @@ class ADOPT(FusedOptimizer):
             "fused": fused,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def __getstate__(self):
         state = super().__getstate__()

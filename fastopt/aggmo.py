@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, large_model_options
+from .optimizer import FusedOptimizer, large_model_options, MIN_8BIT_SIZE
 
 # One state slot per beta; the drivers keep at most three slots per param.
 MAX_BETAS = 3
@@ -33,7 +33,8 @@ class AggMo(FusedOptimizer):
                  weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -50,7 +51,8 @@ class AggMo(FusedOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def add_param_group(self, param_group):
         if "betas" in param_group:

@@ -135,25 +135,51 @@ class _Plan:
 #   master_weights   float16 / bfloat16 params get a float32 copy in their
 #                    state ("master_param") that the kernels update; the param
 #                    receives its rounding.  Other params are unaffected.
-#   state_dtype      dtype of the state slots (float32 or bfloat16); None:
-#                    float32 with master weights, else the param's dtype.
+#   state_dtype      dtype of the state slots (float32, bfloat16 or uint8);
+#                    None: float32 with master weights, else the param's dtype.
+#                    uint8: 8-bit block-quantized slots (Note [8-bit state] in
+#                    csrc/rules/quantization.h) for float32 / float16 /
+#                    bfloat16 params of at least min_8bit_size elements (the
+#                    others keep float32 state, float64 params float64).  The
+#                    codes are the slot under torch.optim's key (uint8, laid
+#                    out like the param), the block scales a 1-D float32
+#                    tensor under "<key>_scales"; the kernels dequantize,
+#                    update and requantize both in one pass.  state_dict()
+#                    saves them as they are; load_state_dict() quantizes a
+#                    float state and dequantizes an 8-bit one into a float
+#                    optimizer (_load_slot); dequantize_state_dict() gives
+#                    torch.optim's layout.  DTensor params cannot have 8-bit
+#                    state (the scales of a shard are not a DTensor).
+#   min_8bit_size    with state_dtype=torch.uint8: params of fewer elements
+#                    keep float32 state (bitsandbytes' min_8bit_size: on small
+#                    tensors the memory saved is negligible and biases,
+#                    norms and embeddings of few elements are sensitive).
 #   stochastic_rounding  bfloat16 params without master weights are stored
 #                    with stochastic rounding (Note [Stochastic rounding]).
 # Complex params keep their dtype for all of these.
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_QUANTIZED = torch.uint8  # the state_dtype of 8-bit state
+# Default of min_8bit_size: bitsandbytes' default, so that the same models
+# keep the same tensors in float32.
+MIN_8BIT_SIZE = 4096
+# The state key of the block scales of 8-bit slot ``key``.
+SCALES_SUFFIX = "_scales"
 
 
 def large_model_options(master_weights: bool, state_dtype: torch.dtype | None,
-                        stochastic_rounding: bool) -> dict[str, Any]:
+                        stochastic_rounding: bool, min_8bit_size: int = MIN_8BIT_SIZE) -> dict[str, Any]:
     """The checked options of Note [Large-model options]."""
-    if state_dtype not in (None, torch.float32, torch.bfloat16):
+    if state_dtype not in (None, torch.float32, torch.bfloat16, _QUANTIZED):
         raise ValueError(f"Invalid state_dtype: {state_dtype} (supported: None, torch.float32, "
-                         "torch.bfloat16)")
+                         "torch.bfloat16, torch.uint8 (8-bit))")
     if master_weights and stochastic_rounding:
         raise ValueError("master_weights and stochastic_rounding exclude each other: with master "
                          "weights the float32 copy carries the precision")
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (a non-negative int: params of fewer "
+                         "elements keep float32 state with state_dtype=torch.uint8)")
     return {"master_weights": bool(master_weights), "state_dtype": state_dtype,
-            "stochastic_rounding": bool(stochastic_rounding)}
+            "stochastic_rounding": bool(stochastic_rounding), "min_8bit_size": min_8bit_size}
 
 
 def _has_master(options: dict[str, Any], param: Tensor) -> bool:
@@ -161,12 +187,55 @@ def _has_master(options: dict[str, Any], param: Tensor) -> bool:
 
 
 def _slot_dtype(options: dict[str, Any], param: Tensor) -> torch.dtype:
-    """The dtype of ``param``'s state slots (Note [Large-model options])."""
+    """The dtype of ``param``'s state slots (Note [Large-model options]):
+    torch.uint8 for 8-bit slots."""
     if not param.is_floating_point():
         return param.dtype
+    if options["state_dtype"] == _QUANTIZED:
+        if param.dtype == torch.float64:
+            return torch.float64
+        return _QUANTIZED if param.numel() >= options["min_8bit_size"] else torch.float32
     if options["state_dtype"] is not None:
         return options["state_dtype"]
     return torch.float32 if _has_master(options, param) else param.dtype
+
+
+def _scales_key(slot: str) -> str:
+    return slot + SCALES_SUFFIX
+
+
+def _store_slot(options: dict[str, Any], param: Tensor, state: dict[str, Any], name: str,
+                values: Tensor) -> None:
+    """Stores the floating ``values`` of ``param``'s slot ``name`` in ``state``,
+    on the param's device, in the slot dtype of Note [Large-model options]
+    and laid out like ``values`` (a new slot: like the param, as torch.optim's
+    zeros_like): for 8-bit slots the codes under ``name`` and the block
+    scales under ``name + "_scales"``.  The one place where a slot is
+    created or converted."""
+    values = values.to(param.device)
+    if _slot_dtype(options, param) == _QUANTIZED:
+        codes, scales = reference.quantize_blocks(values)
+        state[name] = torch.empty_like(values, dtype=_QUANTIZED, memory_format=torch.preserve_format).copy_(codes)
+        state[_scales_key(name)] = scales
+    else:
+        state[name] = values.to(_slot_dtype(options, param))
+        state.pop(_scales_key(name), None)
+
+
+def _slot_scales_problem(param: Tensor, state: dict[str, Any], name: str) -> str | None:
+    """What is wrong with the block scales of ``param``'s 8-bit slot ``name``, or None."""
+    key = _scales_key(name)
+    scales = state.get(key)
+    expected = reference.num_quantization_blocks(param.numel())
+    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or scales.dim() != 1
+            or scales.numel() != expected or scales.device != param.device or not scales.is_contiguous()):
+        got = ("None" if scales is None else
+               f"a {scales.dtype} tensor of shape {list(scales.shape)} on {scales.device}"
+               + ("" if scales.is_contiguous() else " (not contiguous)")
+               if isinstance(scales, Tensor) else type(scales).__name__)
+        return (f"state[{key!r}] must be a contiguous 1-D float32 tensor of {expected} elements on "
+                f"{param.device} (the block scales of the 8-bit state[{name!r}]), got {got}")
+    return None
 
 
 def _rounds_stochastically(options: dict[str, Any], dtype: torch.dtype) -> bool:
@@ -238,7 +307,7 @@ class _LocalShards(reference.BoundTensors):
         tensors = super().step_tensors()
         if tensors is None:
             return None
-        params, grads, slots, scalar_states, masters = tensors
+        params, grads, slots, scalar_states, masters, scales = tensors
         # A grad laid out unlike its param (e.g. Partial) is redistributed, as
         # torch.optim's ops on the DTensors would do implicitly.
         grads = [g if g.placements == p.placements else g.redistribute(p.device_mesh, p.placements)
@@ -247,7 +316,8 @@ class _LocalShards(reference.BoundTensors):
         # DTensors' own version counters, as torch's in-place ops bump them.
         torch.autograd.graph.increment_version(params)
         return ([_local(p) for p in params], [_local(g) for g in grads],
-                [[_local(t) for t in slot] for slot in slots], scalar_states, [_local(m) for m in masters])
+                [[_local(t) for t in slot] for slot in slots], scalar_states, [_local(m) for m in masters],
+                [_local(t) for t in scales])
 
 
 @dataclass
@@ -326,10 +396,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._op_slots
 
     def _init_slots(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        """Creates the missing slots of ``state`` for ``param`` (zeros by default)."""
+        """Creates the missing slots of ``state`` for ``param`` (zeros by
+        default) with ``_new_slot``."""
         for name in self._slot_names(group):
             if state.get(name) is None:
-                state[name] = self._new_slot(group, param)
+                self._new_slot(param, state, name)
 
     def _initial_scalar_state(self, group: dict[str, Any], param: Tensor, name: str) -> float | Tensor:
         """The value scalar state ``name`` starts with (the step count: 0); a
@@ -357,6 +428,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dtype(self) -> torch.dtype | None:
         """The state_dtype this optimizer was created with (None: the default)."""
         return self._options["state_dtype"]
+
+    @property
+    def min_8bit_size(self) -> int:
+        """With ``state_dtype=torch.uint8``: params of fewer elements keep float32 state."""
+        return self._options.get("min_8bit_size", MIN_8BIT_SIZE)
 
     @property
     def stochastic_rounding(self) -> bool:
@@ -415,32 +491,58 @@ class FusedOptimizer(torch.optim.Optimizer):
         (load-state-dict post hooks have run by then)."""
         previous = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
-        self._recast_loaded_state(state_dict)
         try:
+            self._recast_loaded_state(state_dict)
             self._check_loaded_state()
         except Exception:
             self.__setstate__(previous)  # the load replaced these objects, it did not change them
             raise
 
     def _recast_loaded_state(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's load_state_dict casts floating state but ``step`` to
-        the param's dtype; fastopt keeps master copies in float32, slots in the
-        group's state dtype (Note [Large-model options]) and every scalar
-        state as saved, as torch.optim keeps ``step`` (a bfloat16 NAdam
-        ``mu_product`` would lose its precision), so those are taken again
-        from the saved tensors, without the lossy cast."""
+        """torch.optim's load_state_dict casts all state but ``step`` to the
+        param's dtype; fastopt keeps master copies in float32, slots in the
+        optimizer's state dtype (Note [Large-model options]; 8-bit codes and
+        their scales included) and every scalar state as saved, as
+        torch.optim keeps ``step`` (a bfloat16 NAdam ``mu_product`` would lose
+        its precision), so those are taken again from the saved tensors,
+        without the lossy cast."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
+            saved = state_dict["state"].get(saved_id, {})
+            for key, value in saved.items():
                 if key in self._scalar_states:
                     self.state[p][key] = value
+                elif not isinstance(value, Tensor) or not p.is_floating_point():
                     continue
-                if not isinstance(value, Tensor) or not p.is_floating_point():
-                    continue
-                dtype = torch.float32 if key == "master_param" else _slot_dtype(self._options, p)
-                if dtype != p.dtype:
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
+                elif key in self._op_slots:
+                    self._load_slot(p, self.state[p], key, value, saved.get(_scales_key(key)))
+                elif key == "master_param" and p.dtype != torch.float32:
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+    def _load_slot(self, param: Tensor, state: dict[str, Any], name: str, saved: Tensor,
+                   saved_scales: Any) -> None:
+        """Slot ``name`` of ``param`` from its saved tensor (and the saved block
+        scales of an 8-bit one) in this optimizer's storage: 8-bit state is
+        kept as saved or dequantized, float state cast or quantized.  What
+        does not fit (codes without fitting scales) is kept as saved, for
+        ``_check_loaded_state`` to name."""
+        fits = (saved.dtype == _QUANTIZED and isinstance(saved_scales, Tensor)
+                and saved_scales.dtype == torch.float32 and list(saved.shape) == list(param.shape)
+                and saved_scales.numel() == reference.num_quantization_blocks(saved.numel()))
+        if fits and _slot_dtype(self._options, param) == _QUANTIZED:
+            state[name] = saved.to(param.device)
+            state[_scales_key(name)] = saved_scales.to(param.device)
+        elif fits:
+            values = reference.dequantize_blocks(saved.to(param.device), saved_scales.to(param.device))
+            _store_slot(self._options, param, state, name, torch.empty_like(
+                saved, dtype=torch.float32, device=param.device, memory_format=torch.preserve_format).copy_(values))
+        elif saved.is_floating_point():
+            _store_slot(self._options, param, state, name, saved)
+        else:
+            state[name] = saved
+            if saved_scales is not None:
+                state[_scales_key(name)] = saved_scales
 
     def _check_loaded_state(self) -> None:
         where = f"fastopt.{type(self).__name__}.load_state_dict"
@@ -466,13 +568,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if not isinstance(state[name], Tensor):
                         # Saved as a number (older torch), converted as torch.optim does.
                         state[name] = torch.tensor(float(state[name]), dtype=torch.float32)
-                problem = reference.tensor_problem(
+                problem = self._scales_problem(group, p, state) or reference.tensor_problem(
                     "the param", p, self._state_tensors(group, p, state),
                     {f"state[{name!r}]": state[name] for name in self._scalar_states}, complex_ok=True,
                     dtypes=self._state_dtypes(group, p))
                 if problem is not None:
                     raise ValueError(
                         f"{where}: the loaded state of {param}: {problem}; nothing was changed")
+
+    def _scales_problem(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> str | None:
+        """What is wrong with the block scales of ``param``'s 8-bit slots (or
+        with scales left next to a slot that could not be dequantized), or None."""
+        quantized = _slot_dtype(self._options, param) == _QUANTIZED
+        for name in self._slot_names(group):
+            if state.get(name) is not None and (quantized or _scales_key(name) in state):
+                problem = _slot_scales_problem(param, state, name)
+                if problem is not None:
+                    return problem
+        return None
 
     def _state_tensors(self, group: dict[str, Any], param: Tensor,
                        state: dict[str, Any]) -> dict[str, Tensor]:
@@ -485,18 +598,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {**{f"state[{key!r}]": _slot_dtype(self._options, param) for key in self._slot_names(group)},
                 "state['master_param']": torch.float32}
 
-    def _new_slot(self, group: dict[str, Any], param: Tensor, fill: Any = 0) -> Tensor:
-        """A new state slot for ``param``, filled with ``fill``, in the group's
-        state dtype; a one-element tensor ``fill`` (Rprop's step size from a
-        tensor lr) is copied, not read."""
+    def _new_slot(self, param: Tensor, state: dict[str, Any], name: str, fill: Any = 0) -> None:
+        """Creates ``param``'s slot ``name`` in ``state``, filled with ``fill``, in
+        the optimizer's state dtype (8-bit: quantized, with its block scales);
+        a one-element tensor ``fill`` (Rprop's step size from a tensor lr) is
+        copied, not read."""
+        dtype = _slot_dtype(self._options, param)
+        if dtype == _QUANTIZED:
+            dtype = torch.float32  # the values, quantized by _store_slot
         if isinstance(fill, Tensor):
-            return torch.empty_like(param, dtype=_slot_dtype(self._options, param),
-                                    memory_format=torch.preserve_format).copy_(fill.reshape(()))
-        return torch.full_like(param, fill, dtype=_slot_dtype(self._options, param),
-                               memory_format=torch.preserve_format)
+            values = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format).copy_(fill.reshape(()))
+        else:
+            values = torch.full_like(param, fill, dtype=dtype, memory_format=torch.preserve_format)
+        _store_slot(self._options, param, state, name, values)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        try:
+            self._check_8bit_params(self.param_groups[-1]["params"])
+        except NotImplementedError:
+            self.param_groups.pop()
+            raise
         if getattr(self, "_backend", None) == "fused":
             for p in self.param_groups[-1]["params"]:
                 _extension.kernels_for("fused", p.device)
@@ -559,13 +681,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale, found_inf, grad_norm = self._step_scales(traced=True)
         for group in self.param_groups:
             lists, _, _ = self._bucket_lists(group)
-            for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters) in lists:
+            for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters, scales) in lists:
                 if dtype.is_complex or sharded:
                     raise NotImplementedError(
                         f"fastopt.{type(self).__name__}: a compiled step supports real, non-DTensor "
                         f"params only (got {'complex' if dtype.is_complex else 'DTensor'} params); "
                         "step outside torch.compile")
-                bound = reference.BoundTensors(params, slots, scalar_states, masters,
+                bound = reference.BoundTensors(params, slots, scalar_states, masters, scales,
                                                ops=_extension.kernels_for(self._backend, device))
                 bucket = _Bucket(reference, device, dtype, fresh, bound)
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf, traced=True))
@@ -573,7 +695,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._step_record["last_grad_norm"] = grad_norm
 
     def _step_plans(self, kernels: Any = None) -> list[_Plan]:
-        return [self._plan(index, group, kernels) for index, group in enumerate(self.param_groups)]
+        plans: list[_Plan] = []
+        try:
+            for index, group in enumerate(self.param_groups):
+                plans.append(self._plan(index, group, kernels))
+        except Exception:  # e.g. _check_8bit_params: the earlier groups' new state goes again
+            self.invalidate_plans()
+            self._restore_created_state(plans)
+            raise
+        return plans
 
     def _apply(self, plans: list[_Plan], checked: bool = False) -> None:
         """Runs every bucket of ``plans`` (``checked``: every tensor is known to
@@ -632,7 +762,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state = self.state.get(p, {})
                 tensors = {"grad": p.grad, **self._state_tensors(group, p, state)}
                 scalar_states = {f"state[{key!r}]": state[key] for key in self._scalar_states if key in state}
-                problem = reference.tensor_problem(
+                problem = self._scales_problem(group, p, state) or reference.tensor_problem(
                     "the param", p, tensors, scalar_states, complex_ok=True, sparse_ok=("grad",),
                     dtypes=self._state_dtypes(group, p))
                 if problem is not None:
@@ -752,7 +882,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self, group: dict[str, Any], key: tuple, kernels: Any = None) -> _Plan:
         lists, waiting, created = self._bucket_lists(group)
         buckets = []
-        for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters) in lists:
+        for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters, scales) in lists:
             bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
             if dtype.is_complex:
                 complex_tensors = (params, slots, scalar_states)
@@ -761,7 +891,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bound = _LocalShards(bucket_kernels, params, slots, scalar_states, masters)
                 buckets.append(_Bucket(reference, device, dtype, fresh, bound))
             else:
-                bound = bucket_kernels.BoundTensors(params, slots, scalar_states, masters)
+                bound = bucket_kernels.BoundTensors(params, slots, scalar_states, masters, scales)
                 buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound))
         single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
@@ -799,13 +929,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The group's params with a grad or state, split into buckets, each
         as ((device, dtype, fresh, DTensor?), (params, one list per slot of the
         op (empty for slots the options leave out), one list per scalar state,
-        master copies)) in the order they step; the params still waiting for
-        their first grad; and the state this created or completed, as it was
-        before (see _Plan).  Creates missing state."""
+        master copies, one list of block scales per slot of the op (empty for
+        slots that are not 8-bit))) in the order they step; the params still
+        waiting for their first grad; and the state this created or completed,
+        as it was before (see _Plan).  Creates missing state.  Params whose
+        slots are 8-bit and those whose slots are not go to separate buckets
+        (one op call takes one state dtype)."""
+        self._check_8bit_params(group["params"])
         slot_names = self._slot_names(group)
         required = slot_names + self._scalar_states
-        # (device, dtype, fresh, DTensor?, occurrence) -> (params, slot lists, scalar-state lists, masters)
-        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]], list[Tensor]]] = {}
+        # (device, dtype, 8-bit?, fresh, DTensor?, occurrence)
+        #   -> (params, slot lists, scalar-state lists, masters, scale lists)
+        lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]], list[Tensor],
+                                 list[list[Tensor]]]] = {}
         waiting: list[Tensor] = []
         created: list[tuple[Tensor, dict[str, Any] | None]] = []
         created_ids: set[int] = set()
@@ -827,20 +963,62 @@ class FusedOptimizer(torch.optim.Optimizer):
                 created.append((p, dict(state) if p in self.state else None))
             state = self._complete_state(group, p, create)
             sharded = dtensor is not None and isinstance(p, dtensor)
-            params, slots, scalar_states, masters = lists.setdefault(
-                (p.device, p.dtype, fresh, sharded, occurrence),
-                ([], [[] for _ in self._op_slots], [[] for _ in self._scalar_states], []))
+            quantized = _slot_dtype(self._options, p) == _QUANTIZED
+            params, slots, scalar_states, masters, scales = lists.setdefault(
+                (p.device, p.dtype, quantized, fresh, sharded, occurrence),
+                ([], [[] for _ in self._op_slots], [[] for _ in self._scalar_states], [],
+                 [[] for _ in self._op_slots]))
             params.append(p)
-            for slot, name in zip(slots, self._op_slots):
+            for slot, slot_scales, name in zip(slots, scales, self._op_slots):
                 if name in slot_names:
                     slot.append(state[name])
+                    if quantized:
+                        slot_scales.append(state[_scales_key(name)])
             for states, name in zip(scalar_states, self._scalar_states):
                 states.append(state[name])
             if _has_master(self._options, p):
                 masters.append(state["master_param"])
         # Sorted by occurrence: a param's second entry steps after its first.
-        ordered = sorted(lists.items(), key=lambda item: item[0][4])
-        return [(key[:4], tensors) for key, tensors in ordered], waiting, created
+        ordered = sorted(lists.items(), key=lambda item: item[0][5])
+        return [((device, dtype, fresh, sharded), tensors)
+                for (device, dtype, _, fresh, sharded, _), tensors in ordered], waiting, created
+
+    def _check_8bit_params(self, params: list[Tensor]) -> None:
+        """Raises NotImplementedError for a DTensor param that would get 8-bit
+        state (before any state is created)."""
+        dtensor = _dtensor_type()
+        if dtensor is None or self._options["state_dtype"] != _QUANTIZED:
+            return
+        for p in params:
+            if isinstance(p, dtensor) and _slot_dtype(self._options, p) == _QUANTIZED:
+                raise NotImplementedError(
+                    f"fastopt.{type(self).__name__}: state_dtype=torch.uint8 with DTensor params (FSDP2, "
+                    "tensor parallel) is not supported: the block scales of a shard's 8-bit state are "
+                    "not a DTensor; use state_dtype=torch.bfloat16, or a min_8bit_size above "
+                    f"{p.numel()} (the elements of this param)")
 
 
-__all__ = ["FusedOptimizer"]
+def dequantize_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an optimizer ``state_dict`` in torch.optim's layout: each
+    8-bit slot (a uint8 tensor ``state[key]`` next to its block scales
+    ``state[key + "_scales"]``, Note [Large-model options]) replaced by its
+    float32 values, shaped and laid out like the codes, and the scales
+    entries dropped; everything else as it was (tensors shared, as
+    ``state_dict()`` shares them with the optimizer).  The result loads into
+    torch.optim, or into a fastopt optimizer with float state."""
+    state = {}
+    for index, param_state in state_dict["state"].items():
+        quantized = {key for key, value in param_state.items()
+                     if isinstance(value, Tensor) and value.dtype == _QUANTIZED
+                     and isinstance(param_state.get(_scales_key(key)), Tensor)}
+        converted = {}
+        for key, value in param_state.items():
+            if key in quantized:
+                converted[key] = torch.empty_like(value, dtype=torch.float32, memory_format=torch.preserve_format)
+                converted[key].copy_(reference.dequantize_blocks(value, param_state[_scales_key(key)]))
+            elif not (key.endswith(SCALES_SUFFIX) and key[:-len(SCALES_SUFFIX)] in quantized):
+                converted[key] = value
+        state[index] = converted
+    return {**state_dict, "state": state, "param_groups": [dict(group) for group in state_dict["param_groups"]]}
+
+__all__ = ["FusedOptimizer", "dequantize_state_dict"]

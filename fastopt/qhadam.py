@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_adam_style
-from .optimizer import FusedOptimizer, _scalar, large_model_options
+from .optimizer import FusedOptimizer, _scalar, large_model_options, MIN_8BIT_SIZE
 
 
 class QHAdam(FusedOptimizer):
@@ -34,7 +34,8 @@ class QHAdam(FusedOptimizer):
                  decouple_weight_decay: bool = False, eps: float = 1e-8, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=False, fused=None, eps=eps)
         for index, nu in enumerate(nus):
             if not 0.0 <= nu <= 1.0:
@@ -51,7 +52,8 @@ class QHAdam(FusedOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def _hyper(self, group):
         (beta1, beta2), (nu1, nu2) = group["betas"], group["nus"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, _scalar, large_model_options
+from .optimizer import FusedOptimizer, _scalar, large_model_options, MIN_8BIT_SIZE
 
 
 class Rprop(FusedOptimizer):
@@ -23,7 +23,7 @@ class Rprop(FusedOptimizer):
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
                  backend: str | None = None, max_grad_norm: float | None = None,
                  master_weights: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -40,7 +40,8 @@ class Rprop(FusedOptimizer):
             "capturable": capturable,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -57,7 +58,7 @@ class Rprop(FusedOptimizer):
         fill = {"prev": 0, "step_size": complex(_scalar(lr), _scalar(lr)) if param.is_complex() else lr}
         for name in self._slot_names(group):
             if state.get(name) is None:
-                state[name] = self._new_slot(group, param, fill=fill[name])
+                self._new_slot(param, state, name, fill=fill[name])
 
     def _hyper(self, group):
         etaminus, etaplus = group["etas"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .optimizer import FusedOptimizer, large_model_options
+from .optimizer import FusedOptimizer, large_model_options, MIN_8BIT_SIZE
 
 
 class SGD(FusedOptimizer):
-    """Drop-in for :class:`torch.optim.SGD`; see :class:`fastopt.Adam` for the
-    keyword-only ``backend``.  The momentum buffer starts as a copy of the
+    """Drop-in for :class:`torch.optim.SGD`; see :class:`fastopt.Adam` for
+    fastopt's keyword-only extras.  The momentum buffer starts as a copy of the
     first gradient, as in torch.optim.  Sparse grads run on the reference
     (see Note [Failed steps] in optimizer.py)."""
 
@@ -24,7 +24,8 @@ class SGD(FusedOptimizer):
                  foreach: bool | None = None, differentiable: bool = False,
                  fused: bool | None = None, backend: str | None = None,
                  max_grad_norm: float | None = None, master_weights: bool = False,
-                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False) -> None:
+                 state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 min_8bit_size: int = MIN_8BIT_SIZE) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -49,7 +50,8 @@ class SGD(FusedOptimizer):
             "fused": fused,
         }
         super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
-                         options=large_model_options(master_weights, state_dtype, stochastic_rounding))
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
 
     def __setstate__(self, state):
         super().__setstate__(state)

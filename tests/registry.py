@@ -17,9 +17,11 @@ step.  That is ill-conditioning of the comparison, not an error of either.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -428,6 +430,23 @@ def round_through(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dt
                 value.copy_(value.to(dtype))
 
 
+@contextlib.contextmanager
+def one_process_mesh() -> Iterator[Any]:
+    """A CPU DeviceMesh of this process alone (a gloo group of one rank), for
+    DTensor params in a single-process test; skips where torch.distributed
+    is not available."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.tensor import DeviceMesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DeviceMesh("cpu", [0])
+    finally:
+        dist.destroy_process_group()
+
+
 def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """Copies of every param and its state tensors on the CPU, keyed "param" /
     state key."""
@@ -446,6 +465,6 @@ __all__ = [
     "SHAPES",
     "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
     "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",
-    "GradientFeed", "run_steps", "round_through", "snapshot", "is_dense",
+    "GradientFeed", "run_steps", "round_through", "snapshot", "is_dense", "one_process_mesh",
     "PARAM_GAP_FILL",
 ]

@@ -348,9 +348,10 @@ def test_signature_defaults_match_torch(name):
         assert arg in fast_sig, arg
         assert fast_sig[arg].kind == parameter.kind, arg
         assert fast_sig[arg].default == parameter.default, arg
-    # fastopt's own extras: keyword-only, off by default (README "Training large models").
+    # fastopt's own extras: keyword-only, off by default (min_8bit_size acts only with
+    # state_dtype=torch.uint8; README "Training large models").
     extras = {"backend": None, "max_grad_norm": None, "master_weights": False, "state_dtype": None,
-              "stochastic_rounding": False}
+              "stochastic_rounding": False, "min_8bit_size": 4096}
     assert set(fast_sig) - set(torch_sig) == set(extras)
     for extra, default in extras.items():
         assert fast_sig[extra].kind is inspect.Parameter.KEYWORD_ONLY, extra

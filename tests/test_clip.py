@@ -18,7 +18,7 @@ import torch
 import fastopt
 from fastopt import reference
 from registry import (OPTIMIZERS, OPTIMIZERS_BY_ID, SHAPES_BY_ID, GradientFeed, ShapeCase, clone_params,
-                      make_params, snapshot, with_layout)
+                      make_params, one_process_mesh, snapshot, with_layout)
 from test_parity import (GRAD_SEED, K_FUSED_VS_REFERENCE, K_LOW_PRECISION_VS_TORCH_LOW, K_VS_TORCH, PARAM_SEED,
                          assert_runs_match, assert_scaled_close, record, rms)
 
@@ -464,20 +464,12 @@ def test_max_grad_norm_keyword(cls):
 
 
 def test_max_grad_norm_rejects_dtensor_params():
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import DeviceMesh, distribute_tensor
+    with one_process_mesh() as mesh:
+        from torch.distributed.tensor import distribute_tensor
 
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
         param = torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh))
         param.grad = distribute_tensor(torch.randn(8), mesh)
         optimizer = fastopt.Adam([param], max_grad_norm=1.0)
         with pytest.raises(NotImplementedError, match="max_grad_norm with DTensor params"):
             optimizer.step()
         assert not optimizer.state
-    finally:
-        dist.destroy_process_group()

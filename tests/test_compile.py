@@ -89,6 +89,14 @@ OPTION_CASES = [
     ("adagrad-lr_decay", {"stochastic_rounding": True, "max_grad_norm": 0.3}, torch.bfloat16),
     ("nadam-weight_decay-momentum_decay", {"master_weights": True, "max_grad_norm": 0.3}, torch.bfloat16),
     ("adadelta-eps", {"state_dtype": torch.bfloat16}, torch.float32),
+    # 8-bit state (the traced step quantizes the new state), alone and with the
+    # other options; min_8bit_size=16 keeps the biases (7 and 3 elements) in
+    # float32: two buckets per dtype.
+    ("adamw-amsgrad-maximize", {"state_dtype": torch.uint8, "min_8bit_size": 0}, torch.float32),
+    ("sgd-momentum", {"state_dtype": torch.uint8, "min_8bit_size": 16, "stochastic_rounding": True},
+     torch.bfloat16),
+    ("rprop-default", {"state_dtype": torch.uint8, "min_8bit_size": 16, "master_weights": True,
+                       "max_grad_norm": 0.3}, torch.float16),
 ]
 TRAINING_CASES = [(case.id, {}, torch.float32) for case in OPTIMIZERS] + OPTION_CASES
 

@@ -261,7 +261,7 @@ def test_ops_reject_storages_they_do_not_support():
     with pytest.raises(RuntimeError, match="state of the params' dtype only"):
         torch.ops.fastopt.roofline_(params, grads, [torch.zeros(5, dtype=torch.bfloat16)])
     for kernels in (torch.ops.fastopt, fastopt.reference):
-        with pytest.raises(RuntimeError, match="supported: the params' dtype, float32 or bfloat16"):
+        with pytest.raises(RuntimeError, match="supported: the params' dtype, float32, bfloat16 or uint8"):
             kernels.sgd_(params, grads, [torch.zeros(5, dtype=torch.float16)], lr=0.1, momentum=0.9,
                          dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                          first_momentum_step=True)

@@ -67,6 +67,11 @@ PARAM_TOL = dict(rtol=1e-5, atol=1e-6)
 
 @pytest.fixture(scope="module")
 def digits():
+    return load_digits()
+
+
+def load_digits():
+    """(X_train, y_train, X_test, y_test): standardized float32 features and labels."""
     X, y = sklearn_datasets.load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(
         X, y, test_size=0.25, random_state=0, stratify=y)
