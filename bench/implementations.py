@@ -46,6 +46,8 @@ def _fastopt(backend: str) -> Callable[[OptimizerSpec, list[Tensor]], Step]:
 def _torch_optimizer(spec: OptimizerSpec, params: list[Tensor], flags: dict) -> torch.optim.Optimizer:
     if not hasattr(torch.optim, spec.cls):
         raise Unsupported(f"torch.optim has no {spec.cls}")
+    if "state_dtype" in spec.options:
+        raise Unsupported(f"torch.optim.{spec.cls} keeps its state in the params' dtype")
     try:
         return getattr(torch.optim, spec.cls)(params, **spec.options, **flags)
     except TypeError as error:  # e.g. RMSprop takes no `fused`
@@ -159,16 +161,26 @@ PYPI = {
 }
 
 
+# 8-bit state: bitsandbytes' block-wise 8-bit optimizers, by option set (its
+# state_dtype option is fastopt's and is left out).
+PYPI_BY_OPTION_SET = {
+    "adam-8bit": ("bitsandbytes.optim", "Adam8bit", {"state_dtype": None}),
+    "adamw-8bit": ("bitsandbytes.optim", "AdamW8bit", {"state_dtype": None}),
+}
+
+
 def _pypi(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     """The optimizer's published PyPI implementation, where one is installed."""
-    if spec.cls not in PYPI:
+    published = PYPI_BY_OPTION_SET.get(spec.key) or PYPI.get(spec.cls)
+    if published is None or (spec.state_itemsize is not None and spec.key not in PYPI_BY_OPTION_SET):
         raise Unsupported(f"no PyPI implementation of {spec.label} is benchmarked")
-    module, name, renames = PYPI[spec.cls]
+    module, name, renames = published
     try:
         cls = getattr(importlib.import_module(module), name)
     except ImportError as error:
         raise Unsupported(f"{module} is not installed ({error})") from None
-    return cls(params, **{renames.get(k, k): v for k, v in spec.options.items()}).step
+    options = {renames.get(k, k): v for k, v in spec.options.items()}
+    return cls(params, **{k: v for k, v in options.items() if k is not None}).step
 
 
 def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
@@ -176,7 +188,7 @@ def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     fresh slots per param (K = the optimizer's state tensors per param), bound
     once like the optimizers' own step so both pay the same per-step cost."""
     slots = [[torch.zeros_like(p) for p in params] for _ in range(spec.slots)]
-    bound = torch.classes.fastopt.BoundTensors(params, slots, [], [])
+    bound = torch.classes.fastopt.BoundTensors(params, slots, [], [], [])
     op = torch.ops.fastopt.roofline_bound_
     return lambda: op(bound)
 

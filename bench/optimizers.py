@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+# Bytes per element of an 8-bit state slot: the code and its share of the
+# block's float32 scale (Note [8-bit state] in csrc/rules/quantization.h).
+EIGHT_BIT_STATE_BYTES = 1 + 4 / 256
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -16,12 +22,18 @@ class OptimizerSpec:
     # A training pipeline (implementations.py): AMP grad scaling and clipping to
     # this norm around the step, as a training loop runs it; None: the step alone.
     max_grad_norm: float | None = None
+    # Bytes per element of a state slot when not the params' dtype (8-bit state).
+    state_itemsize: float | None = None
 
-    def bytes_per_step(self, numel: int, itemsize: int) -> int:
+    def bytes_per_step(self, numel: int, itemsize: int, roofline: bool = False) -> int:
         """Param read+write, K slots read+write, grad read (twice in a
-        pipeline: the norm must be known before the step)."""
+        pipeline: the norm must be known before the step).  ``roofline``: the
+        bytes the roofline kernel moves for this spec, whose slots are of the
+        params' dtype (for 8-bit state it is a bandwidth ceiling, compared in
+        GB/s)."""
         grad_reads = 1 if self.max_grad_norm is None else 2
-        return numel * itemsize * (2 * (1 + self.slots) + grad_reads)
+        slot_itemsize = itemsize if roofline or self.state_itemsize is None else self.state_itemsize
+        return int(numel * (itemsize * (2 + grad_reads) + 2 * self.slots * slot_itemsize))
 
 
 SPECS: dict[str, OptimizerSpec] = {
@@ -51,12 +63,19 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adabound", "AdaBound", "AdaBound", {"lr": 1e-3}, 2),
         OptimizerSpec("qhadam", "QHAdam", "QHAdam", {"lr": 1e-3, "nus": (0.7, 1.0)}, 2),
         OptimizerSpec("aggmo", "AggMo", "AggMo", {"lr": 1e-3}, 3),
+        OptimizerSpec("adam-8bit", "Adam", "Adam 8-bit state", {"lr": 1e-3, "state_dtype": torch.uint8}, 2,
+                      state_itemsize=EIGHT_BIT_STATE_BYTES),
+        OptimizerSpec("adamw-8bit", "AdamW", "AdamW 8-bit state",
+                      {"lr": 1e-3, "weight_decay": 1e-2, "state_dtype": torch.uint8}, 2,
+                      state_itemsize=EIGHT_BIT_STATE_BYTES),
     )
 }
 
 # Plain SGD (no state) and the optimizers added after the first five are
 # available with --optimizers but not run by default (Lion, ADOPT, AdaBound,
 # QHAdam and AggMo have no torch.optim baseline: their rows compare with the
-# roofline and with the published package, impl `pypi`, where installed).
+# roofline and with the published package, impl `pypi`, where installed; the
+# 8-bit specs compare with bitsandbytes, impl `pypi`, and with the same
+# optimizer's float32 state, option sets adam / adamw).
 DEFAULT_OPTIMIZERS = ("adam", "adam-amsgrad", "adamw", "sgd-momentum", "sgd-nesterov", "rmsprop",
                       "rmsprop-centered-momentum", "adagrad", "adam-pipeline")

@@ -103,11 +103,13 @@ def _mib(nbytes: int | None) -> float | None:
 
 def _row(config: Config, impl: str, spec: OptimizerSpec, workload: Workload, dtype_name: str,
          copies: int, measured: timing.Measurement) -> dict[str, Any]:
-    bytes_per_step = spec.bytes_per_step(workload.numel, DTYPES[dtype_name].itemsize)
+    bytes_per_step = spec.bytes_per_step(workload.numel, DTYPES[dtype_name].itemsize,
+                                         roofline=impl == "roofline")
     median = measured.median
     return {
         "optimizer": spec.cls,
-        "options": dict(spec.options),
+        # dtypes (state_dtype) by name, so the row is JSON
+        "options": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in spec.options.items()},
         "option_set": spec.key,
         "label": spec.label,
         "workload": workload.name,
@@ -205,14 +207,16 @@ def _measure_group(config: Config, spec: OptimizerSpec, workload: Workload, dtyp
 
 def _derive(rows: list[dict[str, Any]]) -> None:
     """Fills roofline_fraction, speedup_vs_torch and speedup_vs_pypi within
-    one (workload, dtype, option set) group."""
-    roofline = next((r["median_ms"] for r in rows if r["impl"] == "roofline"), None)
+    one (workload, dtype, option set) group.  The roofline fraction is a ratio
+    of bandwidths, which is the ratio of times where the roofline moves the
+    same bytes (every option set but 8-bit state, OptimizerSpec.bytes_per_step)."""
+    roofline = next((r["gbps"] for r in rows if r["impl"] == "roofline"), None)
     torch_times = [r["median_ms"] for r in rows if r["impl"] in TORCH_IMPLS]
     best_torch = min(torch_times) if torch_times else None
     pypi = next((r["median_ms"] for r in rows if r["impl"] == "pypi"), None)
     for r in rows:
         if roofline is not None:
-            r["roofline_fraction"] = roofline / r["median_ms"]
+            r["roofline_fraction"] = r["gbps"] / roofline
         if best_torch is not None:
             r["speedup_vs_torch"] = best_torch / r["median_ms"]
         if pypi is not None:

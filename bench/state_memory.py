@@ -1,5 +1,6 @@
-"""State memory of fastopt.Adam with ``state_dtype=torch.bfloat16`` against
-float32 state, on each workload's shapes (target: exactly half)."""
+"""State memory of fastopt.Adam with ``state_dtype=torch.bfloat16`` (target:
+exactly half) and ``torch.uint8`` (8-bit, target: at most 0.26) against
+float32 state, on each workload's shapes."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,14 +27,16 @@ def _state_bytes(workload: Workload, device: torch.device, state_dtype: torch.dt
 
 
 def measure(workloads: list[Workload], device: torch.device) -> list[dict[str, Any]]:
-    """Per workload: the bytes of Adam's state slots (exp_avg, exp_avg_sq) for
-    float32 params with float32 and with bfloat16 state, and their ratio."""
+    """Per workload: the bytes of Adam's state (exp_avg, exp_avg_sq and, with
+    8-bit state, their block scales) for float32 params with float32,
+    bfloat16 and 8-bit state, and the ratios to float32."""
     rows = []
     for workload in workloads:
         if workload.overhead or workload.numel > MAX_NUMEL or device.type not in workload.devices:
             continue
         fp32 = _state_bytes(workload, device, None)
         bf16 = _state_bytes(workload, device, torch.bfloat16)
+        eight_bit = _state_bytes(workload, device, torch.uint8)
         rows.append({"workload": workload.name, "fp32_state_bytes": fp32, "bf16_state_bytes": bf16,
-                     "ratio": bf16 / fp32})
+                     "ratio": bf16 / fp32, "uint8_state_bytes": eight_bit, "uint8_ratio": eight_bit / fp32})
     return rows
