@@ -185,14 +185,14 @@ class _Magnitude:
         self.dropped = 23 - mantissa_bits
         self.min_normal = 2.0**(1 - bias)
         self.rounder = 2.0**(24 - bias - mantissa_bits)
+        self.rounder_bits = (151 - bias - mantissa_bits) << 23  # kRounderBits: its float32 bits
         self.subnormal_step = 2.0**(1 - bias - mantissa_bits)
         self.mantissa_bits = mantissa_bits
 
     def encode(self, z: Tensor) -> Tensor:
         """Codes (int64) of float32 ``z`` in [0, max] (NaN saturates)."""
         bits = z.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-        rounder_bits = torch.tensor(self.rounder, dtype=torch.float32).view(torch.int32).item()
-        subnormal = (z + self.rounder).view(torch.int32).to(torch.int64) - rounder_bits
+        subnormal = (z + self.rounder).view(torch.int32).to(torch.int64) - self.rounder_bits
         odd = (bits >> self.dropped) & 1
         normal = (bits - self.rebias + ((1 << (self.dropped - 1)) - 1) + odd) >> self.dropped
         return torch.where(z < self.min_normal, subnormal, normal).clamp_(max=self.max_code)
