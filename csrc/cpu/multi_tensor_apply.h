@@ -15,8 +15,8 @@
 // master copy or stochastic rounding is involved; the rule sees opmath values
 // only.  8-bit state (uint8 slots, Note [8-bit state]) is walked block by
 // block instead: a range of the parallel region is a range of whole blocks,
-// each decoded into float buffers, updated by the same element loop and
-// encoded with its new scale.
+// each decoded into float buffers, updated by the element loop of float32
+// state (the same function, not a copy) and encoded with its new scale.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -176,19 +176,66 @@ FASTOPT_ALWAYS_INLINE void update_elements(
   }
 }
 
+// The element loop of one (Rule, Store), compiled once per ISA and called
+// through a pointer, not inlined into its callers: the walk over a task's
+// elements and the walk over 8-bit blocks call the same loops, so 8-bit state
+// compiles no element loop of its own (its decoded storage's loop is the one
+// of float32 state with the same params).
+template <class Rule, class Store>
+struct ElementLoop {
+  using Streams = TensorStreams<Store, Rule::kNumSlots>;
+  using Options = ElementOptions<typename Store::opmath_t>;
+  using Scalars = typename Rule::template Scalars<typename Store::opmath_t>;
+  using Fn = void (*)(const Streams&, const Options&, const Scalars&, int64_t, int64_t);
+
+  static void baseline(const Streams& t, const Options& options, const Scalars& scalars, int64_t begin,
+                       int64_t end) {
+    update_elements<Rule, Store>(t, options, scalars, begin, end);
+  }
+#if FASTOPT_X86_MULTIVERSION
+  FASTOPT_TARGET_AVX2 static void avx2(const Streams& t, const Options& options, const Scalars& scalars,
+                                       int64_t begin, int64_t end) {
+    update_elements<Rule, Store>(t, options, scalars, begin, end);
+  }
+  FASTOPT_TARGET_AVX512 static void avx512(const Streams& t, const Options& options,
+                                           const Scalars& scalars, int64_t begin, int64_t end) {
+    update_elements<Rule, Store>(t, options, scalars, begin, end);
+  }
+#endif
+
+  static Fn for_isa(Isa isa) {
+#if FASTOPT_X86_MULTIVERSION
+    switch (isa) {
+      case Isa::kAvx512: return &avx512;
+      case Isa::kAvx2: return &avx2;
+      case Isa::kBaseline: break;
+    }
+#endif
+    (void)isa;
+    return &baseline;
+  }
+};
+
+// The block loops of the 8-bit codec (rules/quantization.h), compiled once
+// per ISA for every rule and storage (quantization_cpu.cpp).
+struct BlockCodec {
+  void (*decode)(const uint8_t* codes, float stored_scale, int64_t count, float* values);
+  void (*encode)(const float* values, int64_t count, uint8_t* codes, float* stored_scale);
+};
+BlockCodec block_codec(Isa isa);
+
 // One block of a tensor with 8-bit state: its slots decoded into float
 // buffers, the element loop of the rule over them, and the new values
 // encoded with the block's new scales (one read and one write of each code).
 template <class Rule, class Store>
-FASTOPT_ALWAYS_INLINE void update_block(
-    const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<float>& options,
-    const typename Rule::template Scalars<float>& scalars, int64_t block) {
+void update_block(const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<float>& options,
+                  const typename Rule::template Scalars<float>& scalars, int64_t block,
+                  typename ElementLoop<Rule, DecodedStorage<Store>>::Fn loop, const BlockCodec& codec) {
   constexpr int kSlots = Rule::kNumSlots > 0 ? Rule::kNumSlots : 1;
-  using Decoded = DecodedStorage<Store>;
   const int64_t begin = block * quantization::kBlockElements;
   const int64_t count = std::min(quantization::kBlockElements, t.numel - begin);
   alignas(64) float values[kSlots][quantization::kBlockElements];
-  TensorStreams<Decoded, Rule::kNumSlots> decoded{};
+  TensorStreams<DecodedStorage<Store>, Rule::kNumSlots> decoded{};
   decoded.param = t.param + begin;
   decoded.grad = t.grad + begin;
   decoded.master = Store::kMaster ? t.master + begin : nullptr;
@@ -196,71 +243,55 @@ FASTOPT_ALWAYS_INLINE void update_block(
   decoded.index = t.index;
   decoded.first_element = begin;
   for (int k = 0; k < Rule::kNumSlots; ++k) {
-    quantization::decode_block(t.slot[k] + begin, t.scale[k][block], count, values[k]);
+    codec.decode(t.slot[k] + begin, t.scale[k][block], count, values[k]);
     decoded.slot[k] = values[k];
   }
-  update_elements<Rule, Decoded>(decoded, options, scalars, 0, count);
+  loop(decoded, options, scalars, 0, count);
   for (int k = 0; k < Rule::kNumSlots; ++k) {
-    quantization::encode_block(values[k], count, t.slot[k] + begin, &t.scale[k][block]);
+    codec.encode(values[k], count, t.slot[k] + begin, &t.scale[k][block]);
   }
 }
 
-// Elements (8-bit state: blocks) [begin, end) of the concatenation of all
-// tensors of the task.
-template <class Rule, class Store>
-FASTOPT_ALWAYS_INLINE void update_range_body(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
+// Calls fn(tensor, its scalars, first, last) for each tensor's part
+// [first, last) of the units (elements; 8-bit state: blocks) [begin, end) of
+// the concatenation of all tensors of the task.
+template <class Rule, class Store, class Fn>
+void for_each_range(const Task<Rule, Store>& task, int64_t begin, int64_t end, Fn&& fn) {
   const auto& off = task.offsets;
   size_t t = std::upper_bound(off.begin(), off.end(), begin) - off.begin() - 1;
   for (; begin < end; ++t) {
     const int64_t stop = std::min(end, off[t + 1]);
     const auto& tensor = task.tensors[t];
-    const auto& scalars = task.scalars[tensor.scalars_index];
-    if constexpr (Store::kQuantized) {
-      for (int64_t block = begin - off[t]; block < stop - off[t]; ++block) {
-        update_block<Rule, Store>(tensor, task.options, scalars, block);
-      }
-    } else {
-      update_elements<Rule, Store>(tensor, task.options, scalars, begin - off[t], stop - off[t]);
-    }
+    fn(tensor, task.scalars[tensor.scalars_index], begin - off[t], stop - off[t]);
     begin = stop;
   }
 }
 
-template <class Rule, class Store>
-void update_range_baseline(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
-  update_range_body<Rule, Store>(task, begin, end);
-}
-
-#if FASTOPT_X86_MULTIVERSION
-template <class Rule, class Store>
-FASTOPT_TARGET_AVX2 void update_range_avx2(const Task<Rule, Store>& task, int64_t begin, int64_t end) {
-  update_range_body<Rule, Store>(task, begin, end);
-}
-
-template <class Rule, class Store>
-FASTOPT_TARGET_AVX512 void update_range_avx512(const Task<Rule, Store>& task, int64_t begin,
-                                               int64_t end) {
-  update_range_body<Rule, Store>(task, begin, end);
-}
-#endif
-
-// Runs the task: one parallel region over all elements of all tensors.
+// Runs the task: one parallel region over all elements (blocks) of all tensors.
 template <class Rule, class Store>
 void run(const Task<Rule, Store>& task) {
-  using RangeFn = void (*)(const Task<Rule, Store>&, int64_t, int64_t);
-  RangeFn update_range = &update_range_baseline<Rule, Store>;
-#if FASTOPT_X86_MULTIVERSION
-  switch (active_isa()) {
-    case Isa::kAvx512: update_range = &update_range_avx512<Rule, Store>; break;
-    case Isa::kAvx2: update_range = &update_range_avx2<Rule, Store>; break;
-    case Isa::kBaseline: break;
-  }
-#endif
   const int64_t total = task.offsets.back();
   if (total == 0) return;
-  const int64_t grain = Store::kQuantized ? kCpuMinElementsPerThread / quantization::kBlockElements
-                                          : kCpuMinElementsPerThread;
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) { update_range(task, begin, end); });
+  const Isa isa = active_isa();
+  if constexpr (Store::kQuantized) {
+    const auto loop = ElementLoop<Rule, DecodedStorage<Store>>::for_isa(isa);
+    const BlockCodec codec = block_codec(isa);
+    const int64_t grain = kCpuMinElementsPerThread / quantization::kBlockElements;
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      for_each_range(task, begin, end, [&](const auto& tensor, const auto& scalars, int64_t first, int64_t last) {
+        for (int64_t block = first; block < last; ++block) {
+          update_block<Rule, Store>(tensor, task.options, scalars, block, loop, codec);
+        }
+      });
+    });
+  } else {
+    const auto loop = ElementLoop<Rule, Store>::for_isa(isa);
+    at::parallel_for(0, total, kCpuMinElementsPerThread, [&](int64_t begin, int64_t end) {
+      for_each_range(task, begin, end, [&](const auto& tensor, const auto& scalars, int64_t first, int64_t last) {
+        loop(tensor, task.options, scalars, first, last);
+      });
+    });
+  }
 }
 
 }  // namespace fastopt::cpu

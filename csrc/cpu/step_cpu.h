@@ -100,6 +100,89 @@ void with_storage(at::ScalarType param, at::ScalarType state, bool master, bool 
   }
 }
 
+// Where each tensor's streams are, whatever the storage: the part of a step
+// that depends on the slot count only, so that it is compiled once per slot
+// count rather than once per storage (22 of them) and rule variant.
+template <int kSlots>
+struct Layout {
+  struct Tensor {
+    void* param;
+    const void* grad;
+    void* slot[kSlots > 0 ? kSlots : 1];
+    float* master;
+    float* scale[kSlots > 0 ? kSlots : 1];  // 8-bit state only
+    int64_t numel;
+  };
+  std::vector<Tensor> tensors;
+  // offsets[t] = elements (8-bit state: blocks) before tensor t; size tensors + 1
+  std::vector<int64_t> offsets;
+  std::vector<at::Tensor> staged;  // keeps the copies alive through the kernel
+  std::vector<WriteBack> write_backs;
+};
+
+// Checks every tensor of the call and lays out its streams.  The tensors of
+// one param are walked in place when they share the param's strides and the
+// param is dense (8-bit state: contiguous, as its blocks run in row-major
+// order); the others are staged through contiguous copies, written back
+// after the kernel.  Modifies nothing.
+template <int kSlots>
+Layout<kSlots> lay_out(const char* op, const StepLists& lists, const StepArgs& step_args,
+                       at::ScalarType state_dtype) {
+  const at::TensorList params = lists.params;
+  const at::TensorList grads = lists.grads;
+  const at::TensorList masters = step_args.master_params;
+  const bool has_master = !masters.empty();
+  const bool quantized = state_dtype == at::kByte;
+  const size_t n = params.size();
+  Layout<kSlots> layout;
+  layout.tensors.resize(n);
+  layout.offsets.resize(n + 1);
+  layout.offsets[0] = 0;
+  std::vector<char> staged_param(n, 0);
+  at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      check_tensors_at(op, i, params, grads, lists.slots, lists.scalar_states, c10::kCPU, state_dtype,
+                       masters);
+      const at::Tensor& p = params[i];
+      bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
+      for (int k = 0; k < kSlots; ++k) direct = direct && lists.slots[k].tensors[i].strides() == p.strides();
+      if (has_master) direct = direct && masters[i].strides() == p.strides();
+      if (quantized) direct = direct && p.is_contiguous();
+      auto& t = layout.tensors[i];
+      t.numel = p.numel();
+      t.master = nullptr;
+      if (quantized) {
+        for (int k = 0; k < kSlots; ++k) t.scale[k] = step_args.state_scales[k * n + i].data_ptr<float>();
+      }
+      if (!direct) {
+        staged_param[i] = 1;
+        continue;
+      }
+      t.param = p.data_ptr();
+      t.grad = grads[i].const_data_ptr();
+      for (int k = 0; k < kSlots; ++k) t.slot[k] = lists.slots[k].tensors[i].data_ptr();
+      if (has_master) t.master = static_cast<float*>(masters[i].data_ptr());
+    }
+  });
+  auto staged_ptr = [&](const at::Tensor& t, bool written) -> void* {
+    at::Tensor copy = t.contiguous();
+    if (written && !copy.is_same(t)) layout.write_backs.push_back({t, copy});
+    layout.staged.push_back(copy);
+    return copy.data_ptr();
+  };
+  for (size_t i = 0; i < n; ++i) {
+    auto& t = layout.tensors[i];
+    if (staged_param[i]) {
+      t.param = staged_ptr(params[i], true);
+      t.grad = staged_ptr(grads[i], false);
+      for (int k = 0; k < kSlots; ++k) t.slot[k] = staged_ptr(lists.slots[k].tensors[i], true);
+      if (has_master) t.master = static_cast<float*>(staged_ptr(masters[i], true));
+    }
+    layout.offsets[i + 1] = layout.offsets[i] + (quantized ? quantization::num_blocks(t.numel) : t.numel);
+  }
+  return layout;
+}
+
 // One step of Rule over the call's tensors (Note [CPU driver layout]).
 template <class Rule, bool kStorageOptions = true>
 void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyper, bool maximize,
@@ -107,23 +190,49 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
   constexpr int kSlots = Rule::kNumSlots;
   constexpr int kStates = Rule::kNumScalarStates;
   const at::TensorList params = lists.params;
-  const at::TensorList grads = lists.grads;
   const std::vector<NamedTensorList>& slots = lists.slots;
   const std::vector<NamedTensorList>& scalar_states = lists.scalar_states;
   TORCH_CHECK(slots.size() == size_t(kSlots) && scalar_states.size() == size_t(kStates), op,
               ": internal error, expected ", kSlots, " slot and ", kStates, " scalar-state lists");
   const at::TensorList masters = step_args.master_params;
-  check_list_lengths(op, params, grads, slots, scalar_states, masters);
+  check_list_lengths(op, params, lists.grads, slots, scalar_states, masters);
   check_step_args(op, step_args);
   const size_t n = params.size();
   if (n == 0) return;
   // params[0] and its first slot pick the storage to dispatch on: check them
   // before dispatching.
   const at::ScalarType state_dtype = state_dtype_of(params, slots, !masters.empty());
-  check_tensors_at(op, 0, params, grads, slots, scalar_states, c10::kCPU, state_dtype, masters);
+  check_tensors_at(op, 0, params, lists.grads, slots, scalar_states, c10::kCPU, state_dtype, masters);
   const bool stochastic = step_args.rounding_seed.has_value();
   check_storage(op, params[0].scalar_type(), state_dtype, !masters.empty(), stochastic);
   check_state_scales(op, params, slots.size(), step_args.state_scales, state_dtype == at::kByte);
+  Layout<kSlots> layout = lay_out<kSlots>(op, lists, step_args, state_dtype);
+
+  // Nothing has been written so far; from here on the step happens,
+  // unless AMP found an inf or NaN in the grads.
+  if (step_args.found_inf && step_args.found_inf->item<double>() != 0) return;
+  if (step_args.lr_tensor) hyper.lr = step_args.lr_tensor->item<double>();
+  // Each tensor's scalar states before and after this step (step counts, ...).
+  using States = std::array<double, kStates>;
+  std::vector<States> before(n), after(n);
+  if constexpr (kStates > 0) {
+    at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int c = 0; c < kStates; ++c) before[i][c] = read_scalar_state(scalar_states[c].tensors[i]);
+        Rule::advance(hyper, before[i].data(), after[i].data());
+        for (int c = 0; c < kStates; ++c) write_scalar_state(scalar_states[c].tensors[i], after[i][c]);
+      }
+    });
+  }
+  // Tensors of one group almost always share their scalar states, so the
+  // scalars are derived once per distinct run of them: run_starts[r] is the
+  // first tensor of run r, scalars_index[i] the run of tensor i.
+  std::vector<size_t> run_starts;
+  std::vector<int64_t> scalars_index(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (i == 0 || before[i] != before[i - 1] || after[i] != after[i - 1]) run_starts.push_back(i);
+    scalars_index[i] = int64_t(run_starts.size()) - 1;
+  }
 
   with_storage<kStorageOptions, (kSlots > 0)>(params[0].scalar_type(), state_dtype, !masters.empty(),
                                               stochastic, [&](auto storage) {
@@ -134,93 +243,31 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
     Task<Rule, Store> task;
     task.options.maximize = maximize;
     if (step_args.grad_scale) task.options.grad_scale = step_args.grad_scale->item<opmath_t>();
-    if (step_args.lr_tensor) hyper.lr = step_args.lr_tensor->item<double>();
     // The seed's low 32 bits feed the hash (Note [Stochastic rounding]).
     if (stochastic) task.options.rounding_seed = uint32_t(*step_args.rounding_seed);
     task.tensors.resize(n);
-    task.offsets.resize(n + 1);
-    task.offsets[0] = 0;
-
-    // Check every tensor and lay out the streams, in parallel over params.
-    // The tensors of one param are walked in place when they share the
-    // param's strides and the param is dense (8-bit state: contiguous, as its
-    // blocks run in row-major order); the others are staged below.
-    std::vector<char> staged_param(n, 0);
-    at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        check_tensors_at(op, i, params, grads, slots, scalar_states, c10::kCPU, state_dtype, masters);
-        const at::Tensor& p = params[i];
-        bool direct = p.is_non_overlapping_and_dense() && grads[i].strides() == p.strides();
-        for (int k = 0; k < kSlots; ++k) direct = direct && slots[k].tensors[i].strides() == p.strides();
-        if (Store::kMaster) direct = direct && masters[i].strides() == p.strides();
-        if (Store::kQuantized) direct = direct && p.is_contiguous();
-        auto& t = task.tensors[i];
-        t.numel = p.numel();
-        t.index = uint32_t(i);
-        t.first_element = 0;
-        if constexpr (Store::kQuantized) {
-          for (int k = 0; k < kSlots; ++k) t.scale[k] = step_args.state_scales[k * n + i].data_ptr<float>();
-        }
-        if (!direct) {
-          staged_param[i] = 1;
-          continue;
-        }
-        t.param = static_cast<param_t*>(p.data_ptr());
-        t.grad = static_cast<const param_t*>(grads[i].const_data_ptr());
-        for (int k = 0; k < kSlots; ++k) t.slot[k] = static_cast<state_t*>(slots[k].tensors[i].data_ptr());
-        t.master = Store::kMaster ? static_cast<float*>(masters[i].data_ptr()) : nullptr;
-      }
-    });
-
-    // The rest go through contiguous copies, written back after the kernel.
-    std::vector<at::Tensor> staged;  // keeps the copies alive through the kernel
-    std::vector<WriteBack> write_backs;
-    auto staged_ptr = [&](const at::Tensor& t, bool written) -> void* {
-      at::Tensor copy = t.contiguous();
-      if (written && !copy.is_same(t)) write_backs.push_back({t, copy});
-      staged.push_back(copy);
-      return copy.data_ptr();
-    };
     for (size_t i = 0; i < n; ++i) {
-      if (staged_param[i]) {
-        auto& t = task.tensors[i];
-        t.param = static_cast<param_t*>(staged_ptr(params[i], true));
-        t.grad = static_cast<const param_t*>(staged_ptr(grads[i], false));
-        for (int k = 0; k < kSlots; ++k) {
-          t.slot[k] = static_cast<state_t*>(staged_ptr(slots[k].tensors[i], true));
-        }
-        t.master = Store::kMaster ? static_cast<float*>(staged_ptr(masters[i], true)) : nullptr;
+      const auto& from = layout.tensors[i];
+      auto& t = task.tensors[i];
+      t.param = static_cast<param_t*>(from.param);
+      t.grad = static_cast<const param_t*>(from.grad);
+      for (int k = 0; k < kSlots; ++k) {
+        t.slot[k] = static_cast<state_t*>(from.slot[k]);
+        t.scale[k] = from.scale[k];
       }
-      const int64_t numel = task.tensors[i].numel;
-      task.offsets[i + 1] = task.offsets[i] + (Store::kQuantized ? quantization::num_blocks(numel) : numel);
+      t.master = from.master;
+      t.numel = from.numel;
+      t.scalars_index = scalars_index[i];
+      t.index = uint32_t(i);
+      t.first_element = 0;
     }
-
-    // Nothing has been written so far; from here on the step happens,
-    // unless AMP found an inf or NaN in the grads.
-    if (step_args.found_inf && step_args.found_inf->item<double>() != 0) return;
-    // Each tensor's scalar states before and after this step (step counts, ...).
-    using States = std::array<double, kStates>;
-    std::vector<States> before(n), after(n);
-    if constexpr (kStates > 0) {
-      at::parallel_for(0, int64_t(n), kCpuParamsPerTask, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          for (int c = 0; c < kStates; ++c) before[i][c] = read_scalar_state(scalar_states[c].tensors[i]);
-          Rule::advance(hyper, before[i].data(), after[i].data());
-          for (int c = 0; c < kStates; ++c) write_scalar_state(scalar_states[c].tensors[i], after[i][c]);
-        }
-      });
-    }
-    // Tensors of one group almost always share their scalar states, so the
-    // scalars are derived once per distinct run of them.
-    for (size_t i = 0; i < n; ++i) {
-      if (i == 0 || before[i] != before[i - 1] || after[i] != after[i - 1]) {
-        task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, before[i].data(), after[i].data()));
-      }
-      task.tensors[i].scalars_index = int64_t(task.scalars.size()) - 1;
+    task.offsets = layout.offsets;
+    for (size_t start : run_starts) {
+      task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, before[start].data(), after[start].data()));
     }
     run(task);
-    for (auto& wb : write_backs) wb.original.copy_(wb.staged);
   });
+  for (auto& wb : layout.write_backs) wb.original.copy_(wb.staged);
 }
 
 template <class Optimizer>

@@ -49,8 +49,8 @@
 
 #include "common.h"
 
-// The block loops are inlined into each driver's (and each ISA's) element
-// loop, so that they vectorize with it.
+// The block loops are inlined into the CUDA kernel, and compiled once per
+// ISA for the CPU driver (cpu/quantization_cpu.cpp).
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTOPT_BLOCK_INLINE __host__ __device__ __forceinline__
 #elif defined(__GNUC__) || defined(__clang__)
