@@ -161,13 +161,14 @@ FASTOPT_BLOCK_INLINE float inverse_scale(float stored_scale) {
   return magnitude > 0.0f ? 1.0f / magnitude : 0.0f;
 }
 
+// The code of `value` (in its low 8 bits), given 1 / |the block's scale|.
 template <bool kSigned>
-FASTOPT_BLOCK_INLINE uint8_t encode(float value, float inverse) {
+FASTOPT_BLOCK_INLINE uint32_t encode(float value, float inverse) {
   const float z = bits_float(float_bits(value) & 0x7FFFFFFFu) * inverse;
   if (kSigned) {
-    return uint8_t((uint32_t(value < 0.0f) << 7) | SignedMagnitude::encode(z));
+    return (uint32_t(value < 0.0f) << 7) | SignedMagnitude::encode(z);
   }
-  return uint8_t(UnsignedMagnitude::encode(z));
+  return UnsignedMagnitude::encode(z);
 }
 
 template <bool kSigned>
@@ -195,10 +196,13 @@ FASTOPT_BLOCK_INLINE void decode_block(const uint8_t* codes, float stored_scale,
   }
 }
 
-// The codes and the stored scale of one block of values.  The absmax is
-// taken on the magnitudes' bits, whose integer order is the order of the
-// values (NaN above infinity, so a NaN makes the absmax NaN).
-FASTOPT_BLOCK_INLINE void encode_block(const float* values, int64_t count, uint8_t* codes,
+// The codes and the stored scale of one block of values, into Code: uint8_t,
+// or uint32_t for the CPU driver, which narrows them in a pass of its own
+// (cpu/quantization_cpu.cpp says why).  The absmax is taken on the magnitudes' bits,
+// whose integer order is the order of the values (NaN above infinity, so a
+// NaN makes the absmax NaN).
+template <typename Code>
+FASTOPT_BLOCK_INLINE void encode_block(const float* values, int64_t count, Code* codes,
                                        float* stored_scale) {
   uint32_t absmax_bits = 0, negative = 0;
   for (int64_t i = 0; i < count; ++i) {
@@ -209,9 +213,9 @@ FASTOPT_BLOCK_INLINE void encode_block(const float* values, int64_t count, uint8
   const float scale = block_scale(bits_float(absmax_bits), negative != 0);
   const float inverse = inverse_scale(scale);
   if (negative != 0) {
-    for (int64_t i = 0; i < count; ++i) codes[i] = encode<true>(values[i], inverse);
+    for (int64_t i = 0; i < count; ++i) codes[i] = Code(encode<true>(values[i], inverse));
   } else {
-    for (int64_t i = 0; i < count; ++i) codes[i] = encode<false>(values[i], inverse);
+    for (int64_t i = 0; i < count; ++i) codes[i] = Code(encode<false>(values[i], inverse));
   }
   *stored_scale = scale;
 }
