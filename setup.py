@@ -20,14 +20,18 @@ GENERATED = os.path.join("build", "generated")
 
 # -ffp-contract=off: no fused multiply-add contraction, so the AVX-512, AVX2
 # and baseline element loops round identically (Note [CPU driver layout]).
-# -fno-math-errno lets sqrt vectorize.  No -march: the ISA is chosen at run
-# time per function, so one wheel runs on any x86-64.  No -std: torch's
-# BuildExtension adds the standard its headers need (C++20 since torch 2.14
-# refuses C++17).
+# -fno-math-errno lets sqrt vectorize.  -fno-trapping-math lets GCC turn a
+# rule's select on a hyperparameter (weight_decay != 0 ? ... : ...) and c10's
+# NaN test in float -> bfloat16 into vector selects: assuming traps, it kept
+# them as branches, and without AVX-512's masks the loops that have one (16-bit
+# storages, most of them) ran scalar.  Neither changes a value.  No -march:
+# the ISA is chosen at run time per function, so one wheel runs on any x86-64.
+# No -std: torch's BuildExtension adds the standard its headers need (C++20
+# since torch 2.14 refuses C++17).
 # -g0: Python's own build flags ask for debug info, which for the many
 # instantiated kernels costs about a third of the compile time and is of no
 # use in a release extension.
-CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # --fmad=false: no multiply-add contraction on the device either, so the CUDA
 # kernels round every operation as the CPU kernels do (bit-identical where
 # the per-step scalars agree; Note [CUDA emulation]).  The steps are
