@@ -29,7 +29,7 @@ $(VENV)/.installed: $(SOURCES)
 test: pytest ctest ctest-sanitize
 
 pytest: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 ctest: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/ctest.sh

@@ -35,7 +35,7 @@ start=$SECONDS
 cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" "$@"
 cmake --build "$BUILD_DIR" --parallel "$JOBS"
-(cd "$BUILD_DIR" && ctest --output-on-failure)
+(cd "$BUILD_DIR" && ctest --output-on-failure --parallel "$JOBS")
 # Each C++ test ends with "NAME: N passed, M failed" (csrc/tests/check.h):
 # the number of checks behind ctest's one line per test.
 grep -h -E '^[a-z_]+: [0-9]+ passed, [0-9]+ failed$' "$BUILD_DIR/Testing/Temporary/LastTest.log" || true
