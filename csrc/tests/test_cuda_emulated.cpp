@@ -32,6 +32,7 @@
 
 #include "../cuda/step_launch.h"
 #include "../optimizer_table.h"
+#include "../rules/quantization.h"
 #include "check.h"
 #include "cuda_emulation/float16.h"
 #include "cuda_emulation/launch_count.h"
@@ -434,7 +435,7 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
     for (int k = 0; k < v.num_slots; ++k) {
       const bool misaligned = all || (spec.misaligned == Misaligned::kLastSlot && k == v.num_slots - 1);
       cpu.slots[k].push_back(allocate(spec.numel, misaligned, storage.state).zero_());
-      if (quantized) cpu.scales[k].push_back(at::zeros({(spec.numel + 255) / 256}, at::kFloat));
+      if (quantized) cpu.scales[k].push_back(at::zeros({quantization::num_blocks(spec.numel)}, at::kFloat));
     }
     for (size_t c = 0; c < v.initial_scalar_states.size(); ++c) {
       cpu.scalar_states[c].push_back(at::full({}, v.initial_scalar_states[c](t), at::kFloat));
