@@ -261,7 +261,7 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
       t.index = uint32_t(i);
       t.first_element = 0;
     }
-    task.offsets = layout.offsets;
+    task.offsets = std::move(layout.offsets);  // the lambda runs once per step
     for (size_t start : run_starts) {
       task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, before[start].data(), after[start].data()));
     }
