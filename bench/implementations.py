@@ -158,6 +158,10 @@ PYPI = {
     "AggMo": ("pytorch_optimizer", "AggMo", {}),
     "Lion": ("lion_pytorch", "Lion", {}),
     "ADOPT": ("pytorch_optimizer", "ADOPT", {"decouple": "weight_decouple"}),
+    # pytorch-optimizer's Lamb adds the decay to the update (Apex's adam_w_mode)
+    # with weight_decouple=False, and clips only with pre_norm.
+    "LAMB": ("pytorch_optimizer", "Lamb", {"max_grad_norm": None}),
+    "LARS": ("pytorch_optimizer", "LARS", {}),
 }
 
 
@@ -180,6 +184,8 @@ def _pypi(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     except ImportError as error:
         raise Unsupported(f"{module} is not installed ({error})") from None
     options = {renames.get(k, k): v for k, v in spec.options.items()}
+    if spec.cls == "LAMB":
+        options["weight_decouple"] = False
     return cls(params, **{k: v for k, v in options.items() if k is not None}).step
 
 
@@ -190,7 +196,16 @@ def _roofline(spec: OptimizerSpec, params: list[Tensor]) -> Step:
     slots = [[torch.zeros_like(p) for p in params] for _ in range(spec.slots)]
     bound = torch.classes.fastopt.BoundTensors(params, slots, [], [], [])
     op = torch.ops.fastopt.roofline_bound_
-    return lambda: op(bound)
+    if spec.reduction_slots is None:
+        return lambda: op(bound)
+    # A reduction phase reads its streams once more first: a read-only pass
+    # over them (grad_sq_norm) before the roofline's update pass.
+    def two_passes() -> None:
+        read = [*params, *(p.grad for p in params), *(t for slot in slots[:spec.reduction_slots] for t in slot)]
+        torch.ops.fastopt.grad_sq_norm(read)
+        op(bound)
+
+    return two_passes
 
 
 BUILDERS: dict[str, Callable[[OptimizerSpec, list[Tensor]], Step]] = {

@@ -24,16 +24,22 @@ class OptimizerSpec:
     max_grad_norm: float | None = None
     # Bytes per element of a state slot when not the params' dtype (8-bit state).
     state_itemsize: float | None = None
+    # A reduction phase (Note [Reduction phase] in csrc/rules/reduction.h): the
+    # slots its first, read-only pass reads besides the params and grads; None:
+    # one pass.
+    reduction_slots: int | None = None
 
     def bytes_per_step(self, numel: int, itemsize: int, roofline: bool = False) -> int:
         """Param read+write, K slots read+write, grad read (twice in a
-        pipeline: the norm must be known before the step).  ``roofline``: the
-        bytes the roofline kernel moves for this spec, whose slots are of the
-        params' dtype (for 8-bit state it is a bandwidth ceiling, compared in
-        GB/s)."""
+        pipeline: the norm must be known before the step), and with a
+        reduction phase its read of the params, grads and its slots.
+        ``roofline``: the bytes the roofline kernel moves for this spec, whose
+        slots are of the params' dtype (for 8-bit state it is a bandwidth
+        ceiling, compared in GB/s)."""
         grad_reads = 1 if self.max_grad_norm is None else 2
         slot_itemsize = itemsize if roofline or self.state_itemsize is None else self.state_itemsize
-        return int(numel * (itemsize * (2 + grad_reads) + 2 * self.slots * slot_itemsize))
+        reduction = 0 if self.reduction_slots is None else 2 * itemsize + self.reduction_slots * slot_itemsize
+        return int(numel * (itemsize * (2 + grad_reads) + 2 * self.slots * slot_itemsize + reduction))
 
 
 SPECS: dict[str, OptimizerSpec] = {
@@ -63,6 +69,10 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adabound", "AdaBound", "AdaBound", {"lr": 1e-3}, 2),
         OptimizerSpec("qhadam", "QHAdam", "QHAdam", {"lr": 1e-3, "nus": (0.7, 1.0)}, 2),
         OptimizerSpec("aggmo", "AggMo", "AggMo", {"lr": 1e-3}, 3),
+        # LAMB without its default clipping (max_grad_norm=1.0, a pass of its own).
+        OptimizerSpec("lamb", "LAMB", "LAMB", {"lr": 1e-3, "weight_decay": 1e-2, "max_grad_norm": None}, 2,
+                      reduction_slots=2),
+        OptimizerSpec("lars", "LARS", "LARS", {"lr": 1e-1, "weight_decay": 1e-4}, 1, reduction_slots=0),
         OptimizerSpec("adam-8bit", "Adam", "Adam 8-bit state", {"lr": 1e-3, "state_dtype": torch.uint8}, 2,
                       state_itemsize=EIGHT_BIT_STATE_BYTES),
         OptimizerSpec("adamw-8bit", "AdamW", "AdamW 8-bit state",
@@ -73,7 +83,7 @@ SPECS: dict[str, OptimizerSpec] = {
 
 # Plain SGD (no state) and the optimizers added after the first five are
 # available with --optimizers but not run by default (Lion, ADOPT, AdaBound,
-# QHAdam and AggMo have no torch.optim baseline: their rows compare with the
+# QHAdam, AggMo, LAMB and LARS have no torch.optim baseline: their rows compare with the
 # roofline and with the published package, impl `pypi`, where installed; the
 # 8-bit specs compare with bitsandbytes, impl `pypi`, and with the same
 # optimizer's float32 state, option sets adam / adamw).

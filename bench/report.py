@@ -155,7 +155,10 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
         "summary, for optimizers torch.optim lacks) = the published package's median (impl `pypi`) / this median.  GB/s counts "
         "numel × itemsize × (2·(1+K) + 1) bytes per step, K = state tensors per param (Adam fp32: "
         "28 B per param; with 8-bit state each state tensor counts 1 + 4/256 bytes per element, code and "
-        "block scale, and % roofline is the ratio of GB/s, as the roofline kernel moves float32 state).  **% copy BW** = that GB/s / the copy bandwidth above.",
+        "block scale, and % roofline is the ratio of GB/s, as the roofline kernel moves float32 state).  "
+        "LAMB and LARS read their streams twice (a reduction phase: params, grads and LAMB's two slots read "
+        "once more, for the per-param norms), counted in their GB/s; their roofline adds a read-only "
+        "pass over the same streams (`grad_sq_norm`).  **% copy BW** = that GB/s / the copy bandwidth above.",
         "",
     ]
     device_type = "cuda" if cuda else "cpu"

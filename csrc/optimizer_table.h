@@ -31,6 +31,8 @@
 #include "rules/adopt.h"
 #include "rules/aggmo.h"
 #include "rules/asgd.h"
+#include "rules/lamb.h"
+#include "rules/lars.h"
 #include "rules/lion.h"
 #include "rules/lookahead.h"
 #include "rules/nadam.h"
@@ -56,7 +58,9 @@
   X(adabound, AdaboundOptimizer) \
   X(qhadam, QhadamOptimizer)     \
   X(aggmo, AggmoOptimizer)       \
-  X(lookahead, LookaheadOptimizer)
+  X(lookahead, LookaheadOptimizer) \
+  X(lamb, LambOptimizer)           \
+  X(lars, LarsOptimizer)
 
 namespace fastopt {
 

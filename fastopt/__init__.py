@@ -3,8 +3,9 @@
 ``fastopt.Adam, AdamW, RMSprop, SGD, Adagrad, NAdam, RAdam, Adamax,
 Adadelta, ASGD, Rprop`` take the arguments of their torch.optim namesakes
 and keep the same state, so ``state_dict`` moves both ways.
-``fastopt.Lion``, ``ADOPT``, ``AdaBound``, ``QHAdam`` and ``AggMo`` (which
-torch.optim lacks) follow the same conventions; ``fastopt.Lookahead`` wraps any
+``fastopt.Lion``, ``ADOPT``, ``AdaBound``, ``QHAdam``, ``AggMo`` and the
+large-batch ``LAMB`` and ``LARS`` (which torch.optim lacks) follow the same
+conventions; ``fastopt.Lookahead`` wraps any
 optimizer.  ``fastopt.backends()`` reports which compiled kernels are loaded.
 ``fastopt.GradScaler`` is torch.amp.GradScaler with one pass over the grads
 before a step with ``max_grad_norm``.
@@ -22,6 +23,8 @@ from .adopt import ADOPT
 from .aggmo import AggMo
 from .amp import GradScaler
 from .asgd import ASGD
+from .lamb import LAMB
+from .lars import LARS
 from .lion import Lion
 from .lookahead import Lookahead
 from .lr_range import LRRangeResult, lr_range_test
@@ -35,6 +38,6 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
-           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "Lookahead", "GradScaler",
+           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "Lookahead", "GradScaler",
            "lr_range_test", "LRRangeResult", "dequantize_state_dict",
            "backends", "__version__"]

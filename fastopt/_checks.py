@@ -1,4 +1,5 @@
-"""torch.optim.Adam's constructor checks, shared by the Adam-style optimizers."""
+"""torch.optim's constructor checks shared by several optimizers: Adam's by
+the Adam-style ones, SGD's by SGD and LARS."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -33,5 +34,21 @@ def check_adam_style(lr, betas, weight_decay, *, foreach, capturable, fused, eps
                                  "foreach=True")
             if beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def check_sgd_style(lr, momentum, dampening, weight_decay, nesterov, *, foreach, fused) -> None:
+    """torch.optim.SGD's checks, in its order and wording (SGD, LARS)."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

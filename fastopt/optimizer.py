@@ -102,6 +102,7 @@ class _Bucket:
     # Complex params: (params, slot lists, scalar-state lists), bound as real
     # views each step (Note [Failed steps]); None for real params.
     complex_tensors: tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]]] | None = None
+    kind: Any = None  # the subclass's _bucket_kind of its params
 
     def bind_real_views(self) -> None:
         params, slots, scalar_states = self.complex_tensors
@@ -366,6 +367,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _optional_slots: tuple[str, ...] = ()
     # torch.optim's error for a sparse grad; None where sparse grads are supported.
     _sparse_grad_error: str | None = None
+    # The rule takes norms of whole params (Note [Reduction phase] in
+    # csrc/rules/reduction.h): a DTensor's local shard cannot be stepped alone.
+    _norms_per_param: bool = False
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None,
                  max_grad_norm: float | None = None, options: dict[str, Any]) -> None:
@@ -412,6 +416,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyperparameters and ``**step_args`` (lr and the per-step tensors, see
         ``_step_args``)."""
         getattr(bucket.kernels, f"{self._op}_bound_")(bucket.bound, **step_args, **self._hyper(group))
+
+    def _bucket_kind(self, group: dict[str, Any], param: Tensor) -> Any:
+        """Params of different kinds go to different buckets (op calls), which
+        ``_run`` can call with different hyperparameters (``bucket.kind``)."""
+        return None
 
     def _sparse_grad_problem(self, group: dict[str, Any]) -> str | None:
         """Why a sparse grad cannot be stepped with ``group``'s options
@@ -615,7 +624,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            self._check_8bit_params(self.param_groups[-1]["params"])
+            self._check_dtensor_params(self.param_groups[-1]["params"])
         except NotImplementedError:
             self.param_groups.pop()
             raise
@@ -681,7 +690,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale, found_inf, grad_norm = self._step_scales(traced=True)
         for group in self.param_groups:
             lists, _, _ = self._bucket_lists(group)
-            for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters, scales) in lists:
+            for (device, dtype, fresh, sharded, kind), (params, slots, scalar_states, masters, scales) in lists:
                 if dtype.is_complex or sharded:
                     raise NotImplementedError(
                         f"fastopt.{type(self).__name__}: a compiled step supports real, non-DTensor "
@@ -689,7 +698,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         "step outside torch.compile")
                 bound = reference.BoundTensors(params, slots, scalar_states, masters, scales,
                                                ops=_extension.kernels_for(self._backend, device))
-                bucket = _Bucket(reference, device, dtype, fresh, bound)
+                bucket = _Bucket(reference, device, dtype, fresh, bound, kind=kind)
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf, traced=True))
         if grad_norm is not None:
             self._step_record["last_grad_norm"] = grad_norm
@@ -882,17 +891,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _build_plan(self, group: dict[str, Any], key: tuple, kernels: Any = None) -> _Plan:
         lists, waiting, created = self._bucket_lists(group)
         buckets = []
-        for (device, dtype, fresh, sharded), (params, slots, scalar_states, masters, scales) in lists:
+        for (device, dtype, fresh, sharded, kind), (params, slots, scalar_states, masters, scales) in lists:
             bucket_kernels = kernels or _extension.kernels_for(self._backend, device)
             if dtype.is_complex:
                 complex_tensors = (params, slots, scalar_states)
-                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors))
+                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors, kind=kind))
             elif sharded:
                 bound = _LocalShards(bucket_kernels, params, slots, scalar_states, masters)
-                buckets.append(_Bucket(reference, device, dtype, fresh, bound))
+                buckets.append(_Bucket(reference, device, dtype, fresh, bound, kind=kind))
             else:
                 bound = bucket_kernels.BoundTensors(params, slots, scalar_states, masters, scales)
-                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound))
+                buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, bound, kind=kind))
         single_use = kernels is not None or any(bucket.fresh for bucket in buckets)
         return _Plan(key, list(group["params"]), buckets, waiting, single_use, created)
 
@@ -927,18 +936,19 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _bucket_lists(self, group: dict[str, Any]):
         """The group's params with a grad or state, split into buckets, each
-        as ((device, dtype, fresh, DTensor?), (params, one list per slot of the
+        as ((device, dtype, fresh, DTensor?, kind), (params, one list per slot of the
         op (empty for slots the options leave out), one list per scalar state,
         master copies, one list of block scales per slot of the op (empty for
         slots that are not 8-bit))) in the order they step; the params still
         waiting for their first grad; and the state this created or completed,
         as it was before (see _Plan).  Creates missing state.  Params whose
         slots are 8-bit and those whose slots are not go to separate buckets
-        (one op call takes one state dtype)."""
-        self._check_8bit_params(group["params"])
+        (one op call takes one state dtype), as are params of different
+        ``_bucket_kind``."""
+        self._check_dtensor_params(group["params"])
         slot_names = self._slot_names(group)
         required = slot_names + self._scalar_states
-        # (device, dtype, 8-bit?, fresh, DTensor?, occurrence)
+        # (device, dtype, 8-bit?, fresh, DTensor?, occurrence, kind)
         #   -> (params, slot lists, scalar-state lists, masters, scale lists)
         lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]], list[Tensor],
                                  list[list[Tensor]]]] = {}
@@ -965,7 +975,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             sharded = dtensor is not None and isinstance(p, dtensor)
             quantized = _slot_dtype(self._options, p) == _QUANTIZED
             params, slots, scalar_states, masters, scales = lists.setdefault(
-                (p.device, p.dtype, quantized, fresh, sharded, occurrence),
+                (p.device, p.dtype, quantized, fresh, sharded, occurrence, self._bucket_kind(group, p)),
                 ([], [[] for _ in self._op_slots], [[] for _ in self._scalar_states], [],
                  [[] for _ in self._op_slots]))
             params.append(p)
@@ -980,16 +990,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 masters.append(state["master_param"])
         # Sorted by occurrence: a param's second entry steps after its first.
         ordered = sorted(lists.items(), key=lambda item: item[0][5])
-        return [((device, dtype, fresh, sharded), tensors)
-                for (device, dtype, _, fresh, sharded, _), tensors in ordered], waiting, created
+        return [((device, dtype, fresh, sharded, kind), tensors)
+                for (device, dtype, _, fresh, sharded, _, kind), tensors in ordered], waiting, created
 
-    def _check_8bit_params(self, params: list[Tensor]) -> None:
-        """Raises NotImplementedError for a DTensor param that would get 8-bit
-        state (before any state is created)."""
+    def _check_dtensor_params(self, params: list[Tensor]) -> None:
+        """Raises NotImplementedError for a DTensor param that this optimizer
+        cannot step on its local shard (before any state is created): one
+        whose rule takes norms of whole params, or that would get 8-bit state."""
         dtensor = _dtensor_type()
-        if dtensor is None or self._options["state_dtype"] != _QUANTIZED:
+        if dtensor is None:
             return
         for p in params:
+            if isinstance(p, dtensor) and self._norms_per_param:
+                raise NotImplementedError(
+                    f"fastopt.{type(self).__name__}: DTensor params (FSDP2, tensor parallel) are not "
+                    "supported: its step takes the norm of each whole param, which a shard's step "
+                    "cannot see without a reduction across ranks")
             if isinstance(p, dtensor) and _slot_dtype(self._options, p) == _QUANTIZED:
                 raise NotImplementedError(
                     f"fastopt.{type(self).__name__}: state_dtype=torch.uint8 with DTensor params (FSDP2, "

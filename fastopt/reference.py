@@ -24,8 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
-    "lion_", "adopt_", "grad_sq_norm",
-    "BoundTensors", "tensor_problem", "is_dense", "grad_sq_norm_bound_",
+    "lion_", "adopt_", "lamb_", "lars_", "grad_sq_norm",
+    "BoundTensors", "tensor_problem", "is_dense", "ordered_sum", "grad_sq_norm_bound_",
     "quantize_blocks", "dequantize_blocks", "num_quantization_blocks", "QUANTIZATION_BLOCK",
 ]
 
@@ -862,6 +862,132 @@ def adopt_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta
         st.store_param(i, param, p)
         st.store(exp_avgs[i], exp_avg)
         st.store(exp_avg_sqs[i], exp_avg_sq)
+
+
+# The kernels' order of addition in a reduction phase (Note [Reduction phase]
+# in csrc/rules/reduction.h): kSumLanes and kSumChunkElements.
+_SUM_LANES = 512
+_SUM_CHUNK_ELEMENTS = 65536
+
+
+def ordered_sum(terms: Tensor) -> float:
+    """The sum of ``terms`` (float64, flat, in the order the kernels walk the
+    tensor) added as the kernels add it: element i into lane i % 512 of chunk
+    i // 65536, each lane in element order, a chunk's lanes in lane order,
+    the chunks in order.  torch.cumsum adds in order on the CPU (on a GPU the
+    sum is equal within rounding)."""
+    total = 0.0
+    for begin in range(0, terms.numel(), _SUM_CHUNK_ELEMENTS):
+        chunk = terms[begin:begin + _SUM_CHUNK_ELEMENTS]
+        rows = -(-chunk.numel() // _SUM_LANES)
+        lanes = torch.zeros(rows * _SUM_LANES, dtype=torch.float64, device=chunk.device)
+        lanes[:chunk.numel()] = chunk
+        total += lanes.view(rows, _SUM_LANES).cumsum(0)[-1].cumsum(0)[-1].item()
+    return total
+
+
+def _walk_order(values: Tensor, param: Tensor, streams: Sequence[Tensor]) -> Tensor:
+    """``values`` (one per element of ``param``) flat, in the order the kernels
+    walk the param's elements: memory order when its streams share its
+    strides and it is dense (walked in place), else row-major (staged)."""
+    if is_dense(param) and all(t.stride() == param.stride() for t in streams):
+        dims = sorted(range(param.dim()), key=param.stride, reverse=True)
+        return values.permute(dims).reshape(-1)
+    return values.reshape(-1)
+
+
+def _norm(values: Tensor, param: Tensor, streams: Sequence[Tensor]) -> float:
+    """The L2 norm of ``values`` (a param, its grad or an update) as the
+    kernels' reduction phase takes it: squares in float64, ordered_sum."""
+    flat = _walk_order(values, param, streams).double()
+    return math.sqrt(ordered_sum(flat * flat))
+
+
+@torch.no_grad()
+def lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+          bias_correction, adam_w_mode, grad_averaging, use_nvlamb, maximize, lr_tensor=None, grad_scale=None,
+          found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
+    """LAMB (csrc/rules/lamb.h)::
+
+        g = -g if maximize;  t += 1;  g += wd*p (unless adam_w_mode)
+        m = beta1*m + beta3*g   (beta3 = 1 - beta1 with grad_averaging, else 1)
+        v = beta2*v + (1 - beta2)*g*g
+        u = (m / bc1) / (sqrt(v / bc2) + eps)  (+ wd*p in adam_w_mode);  bc = 1 - beta^t or 1
+        p += -lr * ratio * u,  ratio = ||p|| / ||u|| (1 if either is 0, or if wd == 0 and not use_nvlamb)
+    """
+    st = _Step("lamb_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
+    if st.skip:
+        return
+    lr = st.lr
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+    adapt = use_nvlamb or weight_decay != 0
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = st.grad(grads[i], maximize)
+        if not adam_w_mode:
+            g = g + weight_decay * p
+        exp_avg.mul_(beta1).add_(beta3 * g)
+        exp_avg_sq.mul_(beta2).add_((g * g) * (1 - beta2))
+        bias_correction1 = 1 - beta1**step if bias_correction else 1.0
+        bias_correction2 = 1 - beta2**step if bias_correction else 1.0
+        update = (exp_avg / bias_correction1) / ((exp_avg_sq / bias_correction2).sqrt() + eps)
+        if adam_w_mode:
+            update = update + weight_decay * p
+        streams = (grads[i], exp_avgs[i], exp_avg_sqs[i], *master_params[i:i + 1])
+        param_norm, update_norm = _norm(p, param, streams), _norm(update, param, streams)
+        scaled = adapt and param_norm != 0 and update_norm != 0
+        p.add_(update * -(lr * (param_norm / update_norm) if scaled else lr))
+        st.store_param(i, param, p)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
+
+
+@torch.no_grad()
+def lars_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, trust_coefficient, eps,
+          nesterov, adapt, maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(),
+          rounding_seed=None, state_scales=()) -> None:
+    """LARS (csrc/rules/lars.h)::
+
+        g = -g if maximize;  wd = 0 unless adapt
+        ratio = tc * ||p|| / (||g|| + wd*||p|| + eps)  (1 if ||p|| or the denominator is 0, or not adapt)
+        d = (g + wd*p) * ratio;  b = momentum*b + (1 - dampening)*d
+        p += -lr * (nesterov ? d + momentum*b : b)      (p += -lr*d without momentum)
+    """
+    if nesterov and momentum <= 0:
+        raise RuntimeError("fastopt::lars_: nesterov needs momentum > 0")
+    slots = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
+    st = _Step("lars_", params, grads, slots, {},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
+    if st.skip:
+        return
+    lr = st.lr
+    if not adapt:
+        weight_decay = 0.0
+    for i, param in enumerate(params):
+        p = st.param(i, param)
+        g = st.grad(grads[i], maximize)
+        ratio = 1.0
+        if adapt:
+            streams = (grads[i], *momentum_buffers[i:i + 1], *master_params[i:i + 1])
+            param_norm = _norm(p, param, streams)
+            denominator = _norm(g, param, streams) + weight_decay * param_norm + eps
+            if param_norm > 0 and denominator > 0:
+                ratio = trust_coefficient * param_norm / denominator
+        direction = (g + weight_decay * p if weight_decay != 0 else g) * ratio
+        if momentum != 0:
+            buf = st.load(momentum_buffers[i])
+            buf.mul_(momentum).add_(direction * (1 - dampening))
+            st.store(momentum_buffers[i], buf)
+            direction = direction + momentum * buf if nesterov else buf
+        p.add_(direction * -lr)
+        st.store_param(i, param, p)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_sgd_style
 from .optimizer import FusedOptimizer, large_model_options, MIN_8BIT_SIZE
 
 
@@ -26,18 +27,7 @@ class SGD(FusedOptimizer):
                  max_grad_norm: float | None = None, master_weights: bool = False,
                  state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
                  min_8bit_size: int = MIN_8BIT_SIZE) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_sgd_style(lr, momentum, dampening, weight_decay, nesterov, foreach=foreach, fused=fused)
         defaults = {
             "lr": lr,
             "momentum": momentum,

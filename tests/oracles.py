@@ -20,6 +20,7 @@ classes to them element-wise, and skips when they are missing):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,6 +29,8 @@ from torch import Tensor
 # The reference's default clip schedule, step**0.25: fastopt's function object,
 # so that the signatures compare equal (fastopt.ADOPT accepts only it or None).
 from fastopt.adopt import default_clip_lambda
+# The order fastopt's kernels add a norm's squares in (LAMB and LARS, below).
+from fastopt.reference import ordered_sum
 
 
 def _check_like_adam(lr, betas, weight_decay, eps=1e-8, **flags) -> None:
@@ -38,6 +41,14 @@ def _check_like_adam(lr, betas, weight_decay, eps=1e-8, **flags) -> None:
 
 def _value(x) -> float:
     return x.item() if isinstance(x, Tensor) else x
+
+
+def _norm(t: Tensor) -> float:
+    """||t||: its squares in float64 added in the order of fastopt's kernels
+    (row-major, fastopt.reference.ordered_sum).  The norm is the papers'; the
+    order decides only its last bits, which float64 comparisons would see."""
+    flat = t.reshape(-1).double()
+    return math.sqrt(ordered_sum(flat * flat))
 
 
 def _real(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -282,3 +293,114 @@ class Lookahead:
             for p in params:
                 self.slow[p].add_(self.alpha * (p - self.slow[p]))
                 p.copy_(self.slow[p])
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB as NVIDIA Apex's FusedLAMB computes it (its multi_tensor_lamb
+    stages, one param at a time): Adam's moments with ``beta3`` and optional
+    bias correction, the update ``u`` (+ ``wd * p`` in ``adam_w_mode``, else
+    the decay goes into the grad), then ``p -= lr * ||p|| / ||u|| * u`` where
+    both norms are nonzero and ``wd != 0 or use_nvlamb``.  ``max_grad_norm``
+    clips the grads' global norm first, as ``torch.nn.utils.clip_grad_norm_``
+    (fastopt's clipping; Apex's differs by torch's 1e-6 in the norm)."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 *, amsgrad=False, adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        if amsgrad:
+            raise RuntimeError("LAMB does not support the AMSGrad variant.")
+        _check_like_adam(lr, betas, weight_decay, eps, foreach=foreach, capturable=capturable, fused=fused)
+        self.max_grad_norm = max_grad_norm
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, adam_w_mode=adam_w_mode,
+                                      grad_averaging=grad_averaging, use_nvlamb=use_nvlamb, maximize=maximize,
+                                      foreach=foreach, capturable=capturable, differentiable=differentiable,
+                                      fused=fused))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        inverse_coef = None
+        if self.max_grad_norm is not None and with_grad:
+            # clip_grad_norm_'s coefficient, the norm summed in float64; grads
+            # divided by its inverse, as fastopt folds it into the grad scale.
+            norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in with_grad])
+            dtype = functools.reduce(torch.promote_types, [p.grad.dtype for p in with_grad])
+            total_norm = norms.square().sum().sqrt().to(dtype)
+            inverse_coef = 1 / (self.max_grad_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grad = -p.grad if group["maximize"] else p.grad
+                    self._update(group, p, grad if inverse_coef is None else grad / inverse_coef.to(grad.dtype),
+                                 self.state[p])
+        return loss
+
+    def _update(self, group, p, grad, state):
+        lr, (beta1, beta2), wd, eps = _value(group["lr"]), group["betas"], group["weight_decay"], group["eps"]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        p, grad, exp_avg, exp_avg_sq = _real(p, grad, state["exp_avg"], state["exp_avg_sq"])
+        state["step"] += 1
+        step = state["step"].item()
+        if not group["adam_w_mode"]:
+            grad = grad + wd * p
+        exp_avg.mul_(beta1).add_(grad * (1 - beta1 if group["grad_averaging"] else 1.0))
+        exp_avg_sq.mul_(beta2).add_(grad * grad * (1 - beta2))
+        bias_correction1 = 1 - beta1**step if group["bias_correction"] else 1.0
+        bias_correction2 = 1 - beta2**step if group["bias_correction"] else 1.0
+        update = (exp_avg / bias_correction1) / ((exp_avg_sq / bias_correction2).sqrt() + eps)
+        if group["adam_w_mode"]:
+            update = update + wd * p
+        param_norm, update_norm = _norm(p), _norm(update)
+        ratio = 1.0
+        if (wd != 0 or group["use_nvlamb"]) and param_norm != 0 and update_norm != 0:
+            ratio = param_norm / update_norm
+        p.add_(update * -(lr * ratio))
+
+
+class LARS(_ForLoop):
+    """LARS (You et al. 2017) as torchlars and pytorch-optimizer's ``LARS``
+    compute it: the trust ratio ``tc * ||p|| / (||g|| + wd * ||p|| + eps)``
+    scales ``g + wd * p``, then SGD momentum from a zero buffer; params of at
+    most one dimension skip ratio and decay with ``exclude_1d``."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0, weight_decay=0, nesterov=False,
+                 trust_coefficient=1e-3, eps=1e-8, exclude_1d=False, *, maximize=False, foreach=None,
+                 differentiable=False, fused=None):
+        torch.optim.SGD([torch.zeros(1)], lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, fused=fused)
+        if not 0.0 <= trust_coefficient:
+            raise ValueError(f"Invalid trust_coefficient value: {trust_coefficient}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps,
+                                      exclude_1d=exclude_1d, maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused))
+
+    def _update(self, group, p, grad, state):
+        lr, momentum = _value(group["lr"]), group["momentum"]
+        adapt = not (group["exclude_1d"] and p.dim() <= 1)
+        wd = group["weight_decay"] if adapt else 0.0
+        if momentum != 0 and len(state) == 0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        p, grad = _real(p, grad)
+        ratio = 1.0
+        if adapt:
+            param_norm = _norm(p)
+            denominator = _norm(grad) + wd * param_norm + group["eps"]
+            if param_norm > 0 and denominator > 0:
+                ratio = group["trust_coefficient"] * param_norm / denominator
+        direction = (grad + wd * p if wd != 0 else grad) * ratio
+        if momentum != 0:
+            (buf,) = _real(state["momentum_buffer"])
+            buf.mul_(momentum).add_(direction * (1 - group["dampening"]))
+            direction = direction + momentum * buf if group["nesterov"] else buf
+        p.add_(direction * -lr)

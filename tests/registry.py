@@ -18,6 +18,7 @@ step.  That is ill-conditioning of the comparison, not an error of either.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -41,14 +42,19 @@ class OptimizerCase:
     fastopt_cls: type[torch.optim.Optimizer]
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def make_kwargs(self) -> dict[str, Any]:
+    def make_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """A fresh copy of ``kwargs`` (tensor hyperparameters are cloned, so two
-        optimizers never share one)."""
-        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.kwargs.items()}
+        optimizers never share one), with ``overrides``."""
+        return {**{k: v.clone() if isinstance(v, Tensor) else v for k, v in self.kwargs.items()}, **overrides}
 
-    def make_torch(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
-        """torch.optim's for-loop implementation: the oracle."""
-        return self.torch_cls(params, foreach=False, **self.make_kwargs())
+    def make_torch(self, params: Sequence[Tensor], clipped_before: bool = False) -> torch.optim.Optimizer:
+        """torch.optim's for-loop implementation: the oracle.  ``clipped_before``:
+        the test clips the grads itself (``clip_grad_norm_``), so an oracle
+        that clips in its step (LAMB's ``max_grad_norm``) must not clip again."""
+        kwargs = self.make_kwargs()
+        if clipped_before and "max_grad_norm" in inspect.signature(self.torch_cls).parameters:
+            kwargs["max_grad_norm"] = None
+        return self.torch_cls(params, foreach=False, **kwargs)
 
     def make_fastopt(self, params: Sequence[Tensor], backend: str | None = None) -> torch.optim.Optimizer:
         return self.fastopt_cls(params, backend=backend, **self.make_kwargs())
@@ -216,6 +222,38 @@ OPTIMIZERS: list[OptimizerCase] = [
                   {"lr": 5e-2, "betas": (0.9,), "maximize": True}),
     OptimizerCase("aggmo-tensor_lr", oracles.AggMo, fastopt.AggMo,
                   {"lr": torch.tensor(5e-2, dtype=torch.float64)}),
+    # LAMB (oracle: tests/oracles.py, Apex's FusedLAMB; checked against
+    # pytorch-optimizer in test_oracles.py): the trust ratio of each param's
+    # norms (the reduction phase), L2 or decoupled decay, no bias correction or
+    # grad averaging, and without decay no ratio unless use_nvlamb.  Apex's
+    # default max_grad_norm=1.0 is turned off: its coefficient comes from a
+    # norm summed in another order than the oracle's, 10 ulps apart in
+    # float64, beyond these tolerances (and where the L2 decay cancels the
+    # clipped grads, an ulp of them is many of the result); tests/test_clip.py
+    # checks LAMB's clipping, as every optimizer's, against clip_grad_norm_.
+    OptimizerCase("lamb-weight_decay", oracles.LAMB, fastopt.LAMB, {"lr": 5e-2, "max_grad_norm": None}),
+    OptimizerCase("lamb-l2-no_bias_correction-maximize", oracles.LAMB, fastopt.LAMB,
+                  {"lr": 5e-2, "weight_decay": 0.0731, "adam_w_mode": False, "bias_correction": False,
+                   "grad_averaging": False, "max_grad_norm": None, "maximize": True}),
+    OptimizerCase("lamb-no_weight_decay", oracles.LAMB, fastopt.LAMB,
+                  {"lr": 5e-2, "betas": (0.8, 0.99), "weight_decay": 0.0, "max_grad_norm": None}),
+    OptimizerCase("lamb-nvlamb-tensor_lr", oracles.LAMB, fastopt.LAMB,
+                  {"lr": torch.tensor(5e-2, dtype=torch.float64), "weight_decay": 0.0, "use_nvlamb": True,
+                   "max_grad_norm": None}),
+    # LARS (oracle: tests/oracles.py; checked against pytorch-optimizer in
+    # test_oracles.py).  trust_coefficient 0.02 and lr 1 move each param by
+    # ~2% of its norm per step, far above the tolerances (without momentum,
+    # whose steps do not add up, lr 3).
+    OptimizerCase("lars-weight_decay", oracles.LARS, fastopt.LARS,
+                  {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.0731}),
+    OptimizerCase("lars-nesterov-exclude_1d", oracles.LARS, fastopt.LARS,
+                  {"lr": 0.5, "trust_coefficient": 0.02, "nesterov": True, "weight_decay": 0.0517,
+                   "exclude_1d": True}),
+    OptimizerCase("lars-no_momentum-eps-maximize", oracles.LARS, fastopt.LARS,
+                  {"lr": 3.0, "momentum": 0.0, "trust_coefficient": 0.02, "eps": 1e-4, "maximize": True}),
+    OptimizerCase("lars-dampening-tensor_lr", oracles.LARS, fastopt.LARS,
+                  {"lr": torch.tensor(1.0, dtype=torch.float64), "momentum": 0.8, "dampening": 0.3,
+                   "trust_coefficient": 0.02}),
 ]
 
 OPTIMIZER_IDS = [case.id for case in OPTIMIZERS]

@@ -554,7 +554,7 @@ def _clipped_run(case_id, backend, state_dtype):
     case = OPTIMIZERS_BY_ID[case_id]
     params = make_params(SHAPE, torch.float32, PARAM_SEED)
     optimizer = case.fastopt_cls(params, backend=backend, state_dtype=state_dtype, min_8bit_size=0,
-                                 max_grad_norm=2.0, **case.make_kwargs())
+                                 **case.make_kwargs(max_grad_norm=2.0))
     feed, norms = GradientFeed(GRAD_SEED), []
     for _ in range(STEPS):
         feed.set_grads(params)

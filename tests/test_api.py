@@ -101,6 +101,19 @@ CONFIGS = {
         dict(lr=1e-2),
         dict(lr=1e-2, betas=(0.5, 0.95), weight_decay=0.05, maximize=True),
     ],
+    # Not clipped (Apex's default max_grad_norm=1.0): in a group mixing float32 and
+    # float64 params the global norm carries the float32 params' ulps into the float64
+    # comparisons; tests/test_clip.py covers the clipping.
+    "LAMB": [
+        dict(lr=1e-2, max_grad_norm=None),
+        dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.05, adam_w_mode=False, bias_correction=False,
+             max_grad_norm=None, maximize=True),
+    ],
+    "LARS": [
+        dict(lr=0.5, trust_coefficient=0.02),
+        dict(lr=0.5, momentum=0.8, trust_coefficient=0.02, weight_decay=0.05, nesterov=True, exclude_1d=True,
+             maximize=True),
+    ],
 }
 CASES = [
     pytest.param((name, kw), id=f"{name}-{i}")
@@ -308,6 +321,14 @@ INVALID = {
         dict(lr=-1e-3), dict(betas=()), dict(betas=(0.0, 0.5, 0.9, 0.99)), dict(betas=(0.0, 1.0)),
         dict(betas=(-0.1,)), dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])),
     ],
+    "LAMB": [
+        dict(lr=-1e-3), dict(eps=-1e-6), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)),
+        dict(weight_decay=-0.1), dict(amsgrad=True), dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "LARS": [
+        dict(lr=-0.1), dict(momentum=-0.1), dict(weight_decay=-0.1), dict(trust_coefficient=-1.0),
+        dict(eps=-1e-8), dict(nesterov=True, momentum=0.0), dict(lr=torch.tensor([0.1, 0.2])),
+    ],
 }
 _TENSOR_BETAS_FOREACH = "Adam tensor betas with foreach=True"
 INVALID_CASES = [
@@ -350,8 +371,10 @@ def test_signature_defaults_match_torch(name):
         assert fast_sig[arg].default == parameter.default, arg
     # fastopt's own extras: keyword-only, off by default (min_8bit_size acts only with
     # state_dtype=torch.uint8; README "Training large models").
+    # (LAMB has max_grad_norm of its own, as Apex's FusedLAMB.)
     extras = {"backend": None, "max_grad_norm": None, "master_weights": False, "state_dtype": None,
               "stochastic_rounding": False, "min_8bit_size": 4096}
+    extras = {extra: default for extra, default in extras.items() if extra not in torch_sig}
     assert set(fast_sig) - set(torch_sig) == set(extras)
     for extra, default in extras.items():
         assert fast_sig[extra].kind is inspect.Parameter.KEYWORD_ONLY, extra

@@ -31,7 +31,7 @@ from registry import OPTIMIZER_IDS, OPTIMIZERS, SCALAR_STATE_KEYS
 
 BACKENDS = ("fused", "reference")
 NAMES = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop",
-         "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo")
+         "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS")
 # One configuration per optimizer that keeps every state slot it can have.
 STATEFUL = {
     "Adam": dict(lr=0.05, amsgrad=True, weight_decay=0.0731),
@@ -50,12 +50,16 @@ STATEFUL = {
     "AdaBound": dict(lr=0.05, gamma=0.3, amsbound=True, weight_decay=0.0731),
     "QHAdam": dict(lr=0.05, nus=(0.7, 0.9), weight_decay=0.0731),
     "AggMo": dict(lr=0.05, weight_decay=0.0731),
+    # Unclipped: a global norm would couple the dtypes of test_group_mixing_dtypes_steps_like_torch.
+    "LAMB": dict(lr=0.05, weight_decay=0.0731, max_grad_norm=None),
+    "LARS": dict(lr=0.5, trust_coefficient=0.02, weight_decay=0.0731),
 }
 SLOTS = {"Adam": "exp_avg", "AdamW": "exp_avg_sq", "SGD": "momentum_buffer", "RMSprop": "grad_avg",
          "Adagrad": "sum", "NAdam": "exp_avg_sq", "RAdam": "exp_avg", "Adamax": "exp_inf", "Adadelta": "acc_delta",
          "ASGD": "ax", "Rprop": "step_size", "Lion": "exp_avg", "ADOPT": "exp_avg_sq",
-         "AdaBound": "max_exp_avg_sq", "QHAdam": "exp_avg", "AggMo": "momentum_buffer_2"}
-# The optimizers that count steps (all but SGD, Lion and AggMo).
+         "AdaBound": "max_exp_avg_sq", "QHAdam": "exp_avg", "AggMo": "momentum_buffer_2", "LAMB": "exp_avg_sq",
+         "LARS": "momentum_buffer"}
+# The optimizers that count steps (all but SGD, Lion, AggMo and LARS).
 COUNTING = tuple(name for name in NAMES if "step" in getattr(fastopt, name)._scalar_states)
 
 
@@ -319,7 +323,7 @@ BAD_STEPS = [
             names=("Adam", "AdamW")),
     *[BadStep("sparse-grad-unsupported", _sparse_grad, f"{name} does not support sparse gradients", names=(name,))
       for name in ("RMSprop", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop", "Lion", "ADOPT",
-                   "AdaBound", "QHAdam", "AggMo")],
+                   "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS")],
 ]
 BAD_STEP_CASES = [pytest.param(case, name, id=f"{case.id}-{name}") for case in BAD_STEPS for name in case.names]
 
@@ -590,7 +594,7 @@ def _other_optimizer(name: str) -> dict:
     other = {"Adam": "SGD", "AdamW": "Adagrad", "SGD": "Adam", "RMSprop": "Adam", "Adagrad": "RMSprop",
              "NAdam": "RMSprop", "RAdam": "SGD", "Adamax": "Adagrad", "Adadelta": "Adam",
              "ASGD": "Rprop", "Rprop": "ASGD", "Lion": "ASGD", "ADOPT": "Lion",
-             "AdaBound": "Adam", "QHAdam": "Adam", "AggMo": "SGD"}[name]
+             "AdaBound": "Adam", "QHAdam": "Adam", "AggMo": "SGD", "LAMB": "Adam", "LARS": "SGD"}[name]
     return _trained(other).state_dict()
 
 
@@ -616,8 +620,8 @@ BAD_LOADS = [
     BadLoad("missing-slot", _edit_state(lambda s: s.pop(next(k for k in s if k not in SCALAR_STATE_KEYS))),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]",
             # torch.optim.SGD creates its momentum buffer lazily: a state without one is valid;
-            # Lion's only state is its slot: without it the state is empty, i.e. not started.
-            names=tuple(name for name in NAMES if name not in ("SGD", "Lion"))),
+            # Lion's and LARS's only state is their slot: without it the state is empty, i.e. not started.
+            names=tuple(name for name in NAMES if name not in ("SGD", "Lion", "LARS"))),
     BadLoad("missing-scalar-state", _edit_state(lambda s: s.pop(next(k for k in s if k in SCALAR_STATE_KEYS))),
             r"the loaded state of param_groups\[1\]\['params'\]\[1\] has no \['\w+'\]", names=COUNTING),
     BadLoad("slot-shape", _edit_state(lambda s: s.update({k: torch.zeros(3) for k in s if k not in SCALAR_STATE_KEYS})),

@@ -39,8 +39,8 @@ def clipped_runs(case_id: str, backend: str, shape: ShapeCase = SHAPE, dtype=tor
     case = OPTIMIZERS_BY_ID[case_id]
     initial = make_params(shape, dtype, PARAM_SEED, device)
     fast_params, torch_params = clone_params(initial), clone_params(initial)
-    fast = case.fastopt_cls(fast_params, backend=backend, max_grad_norm=MAX_NORM, **case.make_kwargs())
-    oracle = case.make_torch(torch_params)
+    fast = case.fastopt_cls(fast_params, backend=backend, **case.make_kwargs(max_grad_norm=MAX_NORM))
+    oracle = case.make_torch(torch_params, clipped_before=True)
     feed = GradientFeed(GRAD_SEED, layout=grad_layout)
     norms = []
     assert fast.last_grad_norm is None
@@ -157,8 +157,8 @@ def test_non_finite_norm_without_amp_matches_clip_grad_norm_(case_id, backend, b
     case = OPTIMIZERS_BY_ID[case_id]
     initial = make_params(SHAPE, torch.float32, PARAM_SEED)
     fast_params, torch_params = clone_params(initial), clone_params(initial)
-    fast = case.fastopt_cls(fast_params, backend=backend, max_grad_norm=MAX_NORM, **case.make_kwargs())
-    oracle = case.make_torch(torch_params)
+    fast = case.fastopt_cls(fast_params, backend=backend, **case.make_kwargs(max_grad_norm=MAX_NORM))
+    oracle = case.make_torch(torch_params, clipped_before=True)
     feed = GradientFeed(GRAD_SEED)
     for step in range(3):
         feed.set_grads(fast_params, torch_params)
@@ -181,8 +181,9 @@ def test_non_finite_norm_without_amp_matches_clip_grad_norm_(case_id, backend, b
         finite = e.isfinite()
         if finite.any():
             assert_scaled_close(a[finite], e[finite], K_VS_TORCH, torch.float32, rms(e[finite]), key)
-    if bad == "inf":
-        assert expected.values["param"].isfinite().sum() > expected.values["param"].numel() // 2
+    if bad == "inf":  # zero grads but two NaN: the rest stays finite (LAMB, LARS: but params[0], through its norms)
+        poisoned = fast_params[0].numel() if case.fastopt_cls._norms_per_param else 2
+        assert expected.values["param"].isfinite().sum() >= expected.values["param"].numel() - poisoned
 
 
 def test_division_by_the_inverse_coefficient_equals_torch_multiply_for_non_finite_norms():
@@ -229,8 +230,8 @@ def test_grad_scaler_with_max_grad_norm_matches_torch_recipe(case_id, backend, s
     case = OPTIMIZERS_BY_ID[case_id]
     fast_params = make_params(SHAPE, torch.float32, PARAM_SEED)
     torch_params = make_params(SHAPE, torch.float32, PARAM_SEED)
-    fast = case.fastopt_cls(fast_params, backend=backend, max_grad_norm=MAX_NORM, **case.make_kwargs())
-    oracle = case.make_torch(torch_params)
+    fast = case.fastopt_cls(fast_params, backend=backend, **case.make_kwargs(max_grad_norm=MAX_NORM))
+    oracle = case.make_torch(torch_params, clipped_before=True)
     fast_scaler, torch_scaler = scaler_cls("cpu"), torch.amp.GradScaler("cpu")
     for step in range(STEPS):
         backward_scaled(oracle, torch_scaler, torch_params, step)
@@ -445,7 +446,7 @@ def test_clipped_steps_are_bit_identical_across_thread_counts():
                          ids=lambda cls: cls.__name__)
 def test_max_grad_norm_keyword(cls):
     params = [torch.nn.Parameter(torch.randn(4))]
-    assert cls(params).max_grad_norm is None
+    assert cls(params).max_grad_norm == (1.0 if cls is fastopt.LAMB else None)  # Apex's FusedLAMB default
     assert cls(params, max_grad_norm=1).max_grad_norm == 1.0
     for bad in (0, -1.0, float("nan"), True, "1", torch.tensor(1.0)):
         with pytest.raises(ValueError, match="Invalid max_grad_norm value"):

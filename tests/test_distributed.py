@@ -68,7 +68,7 @@ ADAMW = {"lr": 5e-2, "weight_decay": 0.0731}
 SCENARIOS = (
     ["ddp-adamw", "zero-adamw"]
     + [f"fsdp2-{case}-{backend}" for case in FSDP2_CASES for backend in BACKENDS]
-    + ["fsdp2-dcp-from-fastopt", "fsdp2-dcp-from-torch", "dtensor-grad-placement"]
+    + ["fsdp2-dcp-from-fastopt", "fsdp2-dcp-from-torch", "dtensor-grad-placement", "fsdp2-per-param-norms"]
 )
 
 
@@ -325,6 +325,28 @@ def _scenario_dtensor_grad_placement(rank: int, tmpdir: Path) -> None:
     _assert_close(final["fastopt"], final["torch"], "params")
 
 
+def _scenario_fsdp2_per_param_norms(rank: int, tmpdir: Path) -> None:
+    """LAMB and LARS take the norm of each whole param, which the step of a
+    shard cannot see: given FSDP2's DTensor params they raise
+    NotImplementedError naming that limit (never a silently local norm),
+    when built and when such params are added to a built optimizer."""
+    import fastopt
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for name in ("LAMB", "LARS"):
+        model = _fsdp2_model(mesh)
+        for build in (lambda: getattr(fastopt, name)(model.parameters()),
+                      lambda: getattr(fastopt, name)([torch.nn.Parameter(torch.ones(3))]).add_param_group(
+                          {"params": list(model.parameters())})):
+            try:
+                build()
+            except NotImplementedError as error:
+                assert "norm of each whole param" in str(error), str(error)
+            else:
+                raise AssertionError(f"fastopt.{name} took DTensor params, whose norms it would take locally")
+
+
 def _dcp_save(model, optimizer, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -391,6 +413,8 @@ def _run_scenario(name: str, rank: int, tmpdir: Path) -> None:
         _scenario_dcp(rank, tmpdir, name.removeprefix("fsdp2-dcp-from-"))
     elif name == "dtensor-grad-placement":
         _scenario_dtensor_grad_placement(rank, tmpdir)
+    elif name == "fsdp2-per-param-norms":
+        _scenario_fsdp2_per_param_norms(rank, tmpdir)
     else:
         case, backend = name.removeprefix("fsdp2-").rsplit("-", 1)
         _scenario_fsdp2(rank, tmpdir, case, backend)

@@ -185,6 +185,12 @@ OP_SPECS = {
                 dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)),
     "adadelta_": (["params", "grads", "square_avgs", "acc_deltas", "state_steps"],
                   dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01, maximize=False)),
+    "lamb_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"],
+              dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
+                   adam_w_mode=True, grad_averaging=True, use_nvlamb=False, maximize=False)),
+    "lars_": (["params", "grads", "momentum_buffers"],
+              dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.01, trust_coefficient=1e-3, eps=1e-8,
+                   nesterov=True, adapt=True, maximize=False)),
 }
 # The per-tensor scalar-state lists of the ops (one-element float tensors) and
 # the value each holds in the valid calls: steps after 3 steps, NAdam's

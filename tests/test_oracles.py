@@ -1,5 +1,5 @@
 """The test oracles of optimizers torch.optim lacks (tests/oracles.py), and
-fastopt.Lion / ADOPT / AdaBound / QHAdam / AggMo themselves, against the PyPI implementations:
+fastopt.Lion / ADOPT / AdaBound / QHAdam / AggMo / LAMB / LARS themselves, against the PyPI implementations:
 lion-pytorch's Lion and pytorch-optimizer's ADOPT (both in pyproject's
 ``test`` extra; each test skips when its package is missing), element by
 element.
@@ -211,4 +211,61 @@ def test_aggmo_matches_pytorch_optimizer(options, implementation):
             package.state[q][f"momentum_buffer_{k}"] = package.state[q]["momentum_buffer"][beta]
     keys = tuple(f"momentum_buffer_{k}" for k in range(len(betas)))
     assert_runs_equal(params, package_params, optimizer, package, keys, exact=implementation == "oracle")
+    assert_moved(params, initial, 0.99)
+
+
+# pytorch-optimizer's Lamb has no bias correction (the paper's version 3
+# without it), adds the decay to the update as Apex's adam_w_mode does when
+# weight_decouple=False, and has no max_grad_norm clipping unless pre_norm.
+LAMB_OPTIONS = [
+    {"lr": 1e-2, "weight_decay": 0.0731},
+    {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.0517, "grad_averaging": False, "maximize": True},
+    {"lr": 1e-2, "weight_decay": 0.0, "use_nvlamb": True},
+]
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("options", LAMB_OPTIONS, ids=["decay", "no_averaging-maximize", "nvlamb"])
+def test_lamb_matches_pytorch_optimizer(options, implementation):
+    """pytorch-optimizer takes the trust ratio as ``min(||p||, 10) / (||u|| +
+    eps)``: the clamp at 10 is its own (Apex and the paper's Algorithm 2 use
+    ``||p||``), so it is lifted here; its ``+ eps`` is within rounding for
+    these norms.  It divides lr by ``1 - beta1^t`` unless ``adam_debias``
+    (a step Apex and the paper do not scale), so that is set.  Without decay
+    it applies the ratio always, as fastopt does with use_nvlamb."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    options = {**options, "bias_correction": False, "max_grad_norm": None}
+
+    def make_package(ps):
+        package = pytorch_optimizer.Lamb(
+            ps, lr=options["lr"], betas=options.get("betas", (0.9, 0.999)), weight_decay=options["weight_decay"],
+            weight_decouple=False, grad_averaging=options.get("grad_averaging", True),
+            eps=options.get("eps", 1e-6), maximize=options.get("maximize", False), foreach=False,
+            adam_debias=True)
+        package.clamp = float("inf")
+        return package
+
+    initial, params, package_params, optimizer, package = run_against_package(
+        lambda ps: IMPLEMENTATIONS[implementation]("LAMB", ps, options), make_package)
+    assert_runs_equal(params, package_params, optimizer, package, ("exp_avg", "exp_avg_sq"), exact=False)
+    assert_moved(params, initial, 0.99)
+
+
+# pytorch-optimizer's LARS always leaves params of at most one dimension out
+# of the adaptation (fastopt's exclude_1d) and has no eps.
+LARS_OPTIONS = [
+    {"lr": 1.0, "trust_coefficient": 0.02, "weight_decay": 0.0731},
+    {"lr": 0.5, "trust_coefficient": 0.02, "momentum": 0.8, "dampening": 0.3},
+    {"lr": 0.5, "trust_coefficient": 0.02, "nesterov": True, "weight_decay": 0.0517, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=["decay", "dampening", "nesterov-maximize"])
+def test_lars_matches_pytorch_optimizer(options, implementation):
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    initial, params, package_params, optimizer, package = run_against_package(
+        lambda ps: IMPLEMENTATIONS[implementation]("LARS", ps, {**options, "eps": 0.0, "exclude_1d": True}),
+        lambda ps: pytorch_optimizer.LARS(ps, foreach=False, **options))
+    assert_runs_equal(params, package_params, optimizer, package, ("momentum_buffer",), exact=False)
     assert_moved(params, initial, 0.99)

@@ -289,11 +289,12 @@ def test_params_without_grads_are_skipped(case_id, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case_id", [case.id for case in OPTIMIZERS])
 def test_non_finite_grads_propagate_like_torch_optim(case_id, backend):
-    """A NaN, +inf and -inf in one step's grad leave NaN / inf in exactly the
-    elements (of params and state) where torch.optim leaves them; the other
-    elements still match."""
+    """A NaN, +inf and -inf in one step's grad of the first param leave NaN /
+    inf in exactly the elements (of params and state) where torch.optim leaves
+    them (LAMB, LARS: in all of that param's, through its norms); the other
+    elements, and the second param, still match."""
     case = OPTIMIZERS_BY_ID[case_id]
-    initial = make_params(SHAPES_BY_ID["odd-1023"], torch.float32, PARAM_SEED)
+    initial = make_params(ShapeCase("non-finite", ((1023,), (2047,))), torch.float32, PARAM_SEED)
     fast_params, torch_params = clone_params(initial), clone_params(initial)
     fast, oracle = case.make_fastopt(fast_params, backend=backend), case.make_torch(torch_params)
     feed = GradientFeed(GRAD_SEED)

@@ -43,7 +43,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-# Per optimizer and dtype (36 combinations).
+# Per optimizer and dtype (4 dtypes).
 MAX_EXAMPLES = int(os.environ.get("FASTOPT_HYPOTHESIS_EXAMPLES", "15"))
 PROPERTY_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -172,6 +172,29 @@ def aggmo_kwargs(draw) -> dict[str, Any]:
                 weight_decay=draw(WEIGHT_DECAY), maximize=draw(st.booleans()))
 
 
+# LAMB without Apex's default clipping: float64 coefficients from norms summed
+# in two orders differ by ~10 ulps, beyond these tolerances (test_clip.py
+# checks the clipping, with its own float64 tolerance).
+@st.composite
+def lamb_kwargs(draw) -> dict[str, Any]:
+    return dict(lr=draw(LR), betas=(draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))),
+                eps=draw(st.floats(1e-8, 1e-3)), weight_decay=draw(WEIGHT_DECAY),
+                bias_correction=draw(st.booleans()), adam_w_mode=draw(st.booleans()),
+                grad_averaging=draw(st.booleans()), use_nvlamb=draw(st.booleans()),
+                max_grad_norm=None, maximize=draw(st.booleans()))
+
+
+@st.composite
+def lars_kwargs(draw) -> dict[str, Any]:
+    momentum = draw(st.one_of(st.just(0.0), st.floats(0.1, 0.95)))
+    nesterov = momentum > 0 and draw(st.booleans())
+    dampening = 0.0 if nesterov else draw(st.one_of(st.just(0.0), st.floats(0.0, 0.9)))
+    return dict(lr=draw(st.floats(1e-2, 1.0)), momentum=momentum, dampening=dampening,
+                weight_decay=draw(WEIGHT_DECAY), nesterov=nesterov,
+                trust_coefficient=draw(st.floats(1e-3, 0.1)), eps=draw(EPS), exclude_1d=draw(st.booleans()),
+                maximize=draw(st.booleans()))
+
+
 # name -> (fastopt class, torch.optim class (or the oracle of tests/oracles.py), hyperparameter strategy)
 OPTIMIZERS = {
     "Adam": (fastopt.Adam, torch.optim.Adam, adam_kwargs(decoupled_option=True)),
@@ -190,6 +213,8 @@ OPTIMIZERS = {
     "AdaBound": (fastopt.AdaBound, oracles.AdaBound, adabound_kwargs()),
     "QHAdam": (fastopt.QHAdam, oracles.QHAdam, qhadam_kwargs()),
     "AggMo": (fastopt.AggMo, oracles.AggMo, aggmo_kwargs()),
+    "LAMB": (fastopt.LAMB, oracles.LAMB, lamb_kwargs()),
+    "LARS": (fastopt.LARS, oracles.LARS, lars_kwargs()),
 }
 
 

@@ -20,7 +20,8 @@ What is asserted, and why those numbers:
   0.964 (Adam, AdamW), 0.962 (SGD), 0.951 (RMSprop), 0.969 (Adagrad),
   0.962 (NAdam), 0.949 (RAdam), 0.964 (Adamax), 0.964 (Adadelta), 0.956
   (ASGD), 0.931 (Rprop, a full-batch method on minibatches), 0.944 (Lion),
-  0.964 (ADOPT), 0.962 (AdaBound), 0.964 (QHAdam), 0.951 (AggMo); the bars below are ~1-2 points under those minima.  An
+  0.964 (ADOPT), 0.962 (AdaBound), 0.964 (QHAdam), 0.951 (AggMo), 0.967 (LAMB), 0.969 (LARS); the bars
+  below are ~1-2 points under those minima.  An
   untrained model scores ~0.1.
 """
 from __future__ import annotations
@@ -60,6 +61,8 @@ SETUPS = {
     "AdaBound": (dict(lr=3e-3), 0.95),
     "QHAdam": (dict(lr=3e-3, nus=(0.7, 1.0)), 0.95),
     "AggMo": (dict(lr=0.05), 0.94),
+    "LAMB": (dict(lr=1e-2), 0.95),
+    "LARS": (dict(lr=2.5), 0.95),
 }
 LOSS_TOL = dict(rtol=1e-4, atol=1e-6)
 PARAM_TOL = dict(rtol=1e-5, atol=1e-6)

@@ -17,6 +17,9 @@
 // block instead: a range of the parallel region is a range of whole blocks,
 // each decoded into float buffers, updated by the element loop of float32
 // state (the same function, not a copy) and encoded with its new scale.
+// A rule with a reduction phase (Note [Reduction phase] in rules/reduction.h)
+// gets a parallel region over fixed chunks of its tensors first, whose sums
+// finish each tensor's scalars.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -24,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -31,6 +35,7 @@
 
 #include "../rules/common.h"
 #include "../rules/quantization.h"
+#include "../rules/reduction.h"
 #include "../rules/rounding.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -136,6 +141,19 @@ inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t t
   return c10::BFloat16(rounding::stochastic_bfloat16_bits(bits, random), c10::BFloat16::from_bits());
 }
 
+// Element i of a tensor's streams as the rule sees it (opmath): the param
+// (or its master copy), the grad unscaled and signed, the slots.
+template <class Store, int kSlots>
+FASTOPT_ALWAYS_INLINE void load_element(const TensorStreams<Store, kSlots>& streams, int64_t i,
+                                        typename Store::opmath_t grad_scale,
+                                        typename Store::opmath_t grad_sign, typename Store::opmath_t& p,
+                                        typename Store::opmath_t& g, typename Store::opmath_t* slot) {
+  using opmath_t = typename Store::opmath_t;
+  g = static_cast<opmath_t>(streams.grad[i]) / grad_scale * grad_sign;
+  p = Store::kMaster ? static_cast<opmath_t>(streams.master[i]) : static_cast<opmath_t>(streams.param[i]);
+  for (int k = 0; k < kSlots; ++k) slot[k] = static_cast<opmath_t>(streams.slot[k][i]);
+}
+
 template <class Rule, class Store>
 FASTOPT_ALWAYS_INLINE void update_elements(
     const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<typename Store::opmath_t>& options,
@@ -157,14 +175,11 @@ FASTOPT_ALWAYS_INLINE void update_elements(
   const uint32_t seed = options.rounding_seed;
   const int64_t first_element = streams.first_element;
   param_t* param = streams.param;
-  const param_t* grad = streams.grad;
   float* master = streams.master;
   FASTOPT_NO_ALIAS_LOOP
   for (int64_t i = begin; i < end; ++i) {
-    const opmath_t g = static_cast<opmath_t>(grad[i]) / grad_scale * grad_sign;
-    opmath_t p = Store::kMaster ? static_cast<opmath_t>(master[i]) : static_cast<opmath_t>(param[i]);
-    opmath_t slot[kSlots > 0 ? kSlots : 1];
-    for (int k = 0; k < kSlots; ++k) slot[k] = static_cast<opmath_t>(streams.slot[k][i]);
+    opmath_t p, g, slot[kSlots > 0 ? kSlots : 1];
+    load_element(streams, i, grad_scale, grad_sign, p, g, slot);
     Rule::update(p, g, slot, s);
     if constexpr (Store::kMaster) master[i] = static_cast<float>(p);
     if constexpr (Store::kStochasticRounding) {
@@ -176,31 +191,55 @@ FASTOPT_ALWAYS_INLINE void update_elements(
   }
 }
 
-// The element loop of one (Rule, Store), compiled once per ISA and called
-// through a pointer, not inlined into its callers: the walk over a task's
-// elements and the walk over 8-bit blocks call the same loops, so 8-bit state
-// compiles no element loop of its own (its decoded storage's loop is the one
-// of float32 state with the same params).
-template <class Rule, class Store>
-struct ElementLoop {
-  using Streams = TensorStreams<Store, Rule::kNumSlots>;
-  using Options = ElementOptions<typename Store::opmath_t>;
-  using Scalars = typename Rule::template Scalars<typename Store::opmath_t>;
-  using Fn = void (*)(const Streams&, const Options&, const Scalars&, int64_t, int64_t);
+// The lane accumulators of one chunk of the reduction phase: lanes[r][l]
+// sums the terms r of the chunk's elements in lane l (Note [Reduction phase]).
+using SumLanes = double (*)[rules::kSumLanes];
 
-  static void baseline(const Streams& t, const Options& options, const Scalars& scalars, int64_t begin,
-                       int64_t end) {
-    update_elements<Rule, Store>(t, options, scalars, begin, end);
+// The reduction phase over elements [begin, end): each element's terms
+// added to the lane of its position in the tensor (first_element + i).
+// Reads the streams, writes only the lanes.
+template <class Rule, class Store>
+FASTOPT_ALWAYS_INLINE void reduce_elements(
+    const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<typename Store::opmath_t>& options,
+    const typename Rule::template Scalars<typename Store::opmath_t>& scalars, int64_t begin, int64_t end,
+    SumLanes lanes) {
+  using opmath_t = typename Store::opmath_t;
+  constexpr int kSlots = Rule::kNumSlots;
+  constexpr int kSums = rules::num_sums<Rule>();
+  const auto s = scalars;
+  const auto streams = t;
+  const opmath_t grad_sign = options.maximize ? opmath_t(-1) : opmath_t(1);
+  const opmath_t grad_scale = options.grad_scale;
+  // Spans of consecutive lanes, so that the inner loop vectorizes.
+  for (int64_t span = begin; span < end;) {
+    const int64_t lane = (streams.first_element + span) % rules::kSumLanes;
+    const int64_t stop = std::min(end, span + (rules::kSumLanes - lane));
+    const int64_t lane_of_first = lane - span;
+    FASTOPT_NO_ALIAS_LOOP
+    for (int64_t i = span; i < stop; ++i) {
+      opmath_t p, g, slot[kSlots > 0 ? kSlots : 1];
+      double terms[kSums];
+      load_element(streams, i, grad_scale, grad_sign, p, g, slot);
+      Rule::reduce(p, g, slot, s, terms);
+      for (int r = 0; r < kSums; ++r) lanes[r][lane_of_first + i] += terms[r];
+    }
+    span = stop;
   }
+}
+
+// Body::run compiled once per ISA and called through a pointer, not inlined
+// into its callers: the walk over a task's elements and the walk over 8-bit
+// blocks call the same loops, so 8-bit state compiles no element loop of its
+// own (its decoded storage's loop is the one of float32 state with the same
+// params).
+template <class Body, class... Args>
+struct IsaClones {
+  using Fn = void (*)(Args...);
+
+  static void baseline(Args... args) { Body::run(args...); }
 #if FASTOPT_X86_MULTIVERSION
-  FASTOPT_TARGET_AVX2 static void avx2(const Streams& t, const Options& options, const Scalars& scalars,
-                                       int64_t begin, int64_t end) {
-    update_elements<Rule, Store>(t, options, scalars, begin, end);
-  }
-  FASTOPT_TARGET_AVX512 static void avx512(const Streams& t, const Options& options,
-                                           const Scalars& scalars, int64_t begin, int64_t end) {
-    update_elements<Rule, Store>(t, options, scalars, begin, end);
-  }
+  FASTOPT_TARGET_AVX2 static void avx2(Args... args) { Body::run(args...); }
+  FASTOPT_TARGET_AVX512 static void avx512(Args... args) { Body::run(args...); }
 #endif
 
   static Fn for_isa(Isa isa) {
@@ -216,6 +255,41 @@ struct ElementLoop {
   }
 };
 
+template <class Rule, class Store>
+struct UpdateBody {
+  static FASTOPT_ALWAYS_INLINE void run(const TensorStreams<Store, Rule::kNumSlots>& t,
+                                        const ElementOptions<typename Store::opmath_t>& options,
+                                        const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
+                                        int64_t begin, int64_t end) {
+    update_elements<Rule, Store>(t, options, scalars, begin, end);
+  }
+};
+
+template <class Rule, class Store>
+struct ReduceBody {
+  static FASTOPT_ALWAYS_INLINE void run(const TensorStreams<Store, Rule::kNumSlots>& t,
+                                        const ElementOptions<typename Store::opmath_t>& options,
+                                        const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
+                                        int64_t begin, int64_t end, SumLanes lanes) {
+    reduce_elements<Rule, Store>(t, options, scalars, begin, end, lanes);
+  }
+};
+
+// The element loop of one (Rule, Store), per ISA.
+template <class Rule, class Store>
+using ElementLoop =
+    IsaClones<UpdateBody<Rule, Store>, const TensorStreams<Store, Rule::kNumSlots>&,
+              const ElementOptions<typename Store::opmath_t>&,
+              const typename Rule::template Scalars<typename Store::opmath_t>&, int64_t, int64_t>;
+
+// The reduction loop of one (Rule, Store), per ISA.
+template <class Rule, class Store>
+using ReduceLoop =
+    IsaClones<ReduceBody<Rule, Store>, const TensorStreams<Store, Rule::kNumSlots>&,
+              const ElementOptions<typename Store::opmath_t>&,
+              const typename Rule::template Scalars<typename Store::opmath_t>&, int64_t, int64_t,
+              SumLanes>;
+
 // The block loops of the 8-bit codec (rules/quantization.h), compiled once
 // per ISA for every rule and storage (quantization_cpu.cpp).
 struct BlockCodec {
@@ -224,17 +298,15 @@ struct BlockCodec {
 };
 BlockCodec block_codec(Isa isa);
 
-// One block of a tensor with 8-bit state: its slots decoded into float
-// buffers, the element loop of the rule over them, and the new values
-// encoded with the block's new scales (one read and one write of each code).
+// One block of a tensor with 8-bit state as the element loop of its decoded
+// storage sees it: the same params and grads, the slots decoded into
+// `values` (one read of each code).
 template <class Rule, class Store>
-void update_block(const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<float>& options,
-                  const typename Rule::template Scalars<float>& scalars, int64_t block,
-                  typename ElementLoop<Rule, DecodedStorage<Store>>::Fn loop, const BlockCodec& codec) {
-  constexpr int kSlots = Rule::kNumSlots > 0 ? Rule::kNumSlots : 1;
+TensorStreams<DecodedStorage<Store>, Rule::kNumSlots> decoded_block(
+    const TensorStreams<Store, Rule::kNumSlots>& t, int64_t block, const BlockCodec& codec,
+    float (*values)[quantization::kBlockElements]) {
   const int64_t begin = block * quantization::kBlockElements;
   const int64_t count = std::min(quantization::kBlockElements, t.numel - begin);
-  alignas(64) float values[kSlots][quantization::kBlockElements];
   TensorStreams<DecodedStorage<Store>, Rule::kNumSlots> decoded{};
   decoded.param = t.param + begin;
   decoded.grad = t.grad + begin;
@@ -246,9 +318,21 @@ void update_block(const TensorStreams<Store, Rule::kNumSlots>& t, const ElementO
     codec.decode(t.slot[k] + begin, t.scale[k][block], count, values[k]);
     decoded.slot[k] = values[k];
   }
-  loop(decoded, options, scalars, 0, count);
+  return decoded;
+}
+
+// One block of a tensor with 8-bit state: decoded, updated by the element
+// loop of the rule, and its new values encoded with the block's new scales
+// (one write of each code).
+template <class Rule, class Store>
+void update_block(const TensorStreams<Store, Rule::kNumSlots>& t, const ElementOptions<float>& options,
+                  const typename Rule::template Scalars<float>& scalars, int64_t block,
+                  typename ElementLoop<Rule, DecodedStorage<Store>>::Fn loop, const BlockCodec& codec) {
+  alignas(64) float values[Rule::kNumSlots > 0 ? Rule::kNumSlots : 1][quantization::kBlockElements];
+  const auto decoded = decoded_block<Rule, Store>(t, block, codec, values);
+  loop(decoded, options, scalars, 0, decoded.numel);
   for (int k = 0; k < Rule::kNumSlots; ++k) {
-    codec.encode(values[k], count, t.slot[k] + begin, &t.scale[k][block]);
+    codec.encode(values[k], decoded.numel, t.slot[k] + decoded.first_element, &t.scale[k][block]);
   }
 }
 
@@ -267,12 +351,78 @@ void for_each_range(const Task<Rule, Store>& task, int64_t begin, int64_t end, F
   }
 }
 
-// Runs the task: one parallel region over all elements (blocks) of all tensors.
+// The sums of elements [begin, end) of one tensor, a chunk of the reduction
+// phase (Note [Reduction phase]): its lanes, then the lanes in order.
 template <class Rule, class Store>
-void run(const Task<Rule, Store>& task) {
+std::array<double, rules::num_sums<Rule>()> sum_chunk(const TensorStreams<Store, Rule::kNumSlots>& t,
+                                                       const ElementOptions<typename Store::opmath_t>& options,
+                                                       const typename Rule::template Scalars<typename Store::opmath_t>& scalars,
+                                                       int64_t begin, int64_t end, Isa isa) {
+  constexpr int kSums = rules::num_sums<Rule>();
+  alignas(64) double lanes[kSums][rules::kSumLanes];
+  const int used = rules::used_sum_lanes(end - begin);
+  for (int r = 0; r < kSums; ++r) std::fill(lanes[r], lanes[r] + used, 0.0);
+  if constexpr (Store::kQuantized) {
+    const auto loop = ReduceLoop<Rule, DecodedStorage<Store>>::for_isa(isa);
+    const BlockCodec codec = block_codec(isa);
+    alignas(64) float values[Rule::kNumSlots][quantization::kBlockElements];
+    for (int64_t block = begin / quantization::kBlockElements; block < quantization::num_blocks(end); ++block) {
+      const auto decoded = decoded_block<Rule, Store>(t, block, codec, values);
+      loop(decoded, options, scalars, 0, decoded.numel, lanes);
+    }
+  } else {
+    ReduceLoop<Rule, Store>::for_isa(isa)(t, options, scalars, begin, end, lanes);
+  }
+  std::array<double, kSums> sums{};
+  for (int r = 0; r < kSums; ++r) {
+    for (int l = 0; l < used; ++l) sums[r] += lanes[r][l];
+  }
+  return sums;
+}
+
+// The reduction phase of a task (Note [Reduction phase]): every tensor's
+// sums, one parallel region over all chunks of all tensors, and its scalars
+// finished with them (one set of scalars per tensor from then on).
+template <class Rule, class Store>
+void reduce(Task<Rule, Store>& task, Isa isa) {
+  using Sums = std::array<double, rules::num_sums<Rule>()>;
+  const size_t n = task.tensors.size();
+  // first_chunk[t]: chunks before tensor t.
+  std::vector<int64_t> first_chunk(n + 1, 0);
+  for (size_t t = 0; t < n; ++t) first_chunk[t + 1] = first_chunk[t] + rules::num_sum_chunks(task.tensors[t].numel);
+  std::vector<Sums> chunk_sums(first_chunk[n]);
+  at::parallel_for(0, first_chunk[n], 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const size_t t = std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk) - first_chunk.begin() - 1;
+      const auto& tensor = task.tensors[t];
+      const int64_t begin = (chunk - first_chunk[t]) * rules::kSumChunkElements;
+      const int64_t end = std::min(tensor.numel, begin + rules::kSumChunkElements);
+      chunk_sums[chunk] = sum_chunk<Rule, Store>(tensor, task.options, task.scalars[tensor.scalars_index],
+                                                 begin, end, isa);
+    }
+  });
+  std::vector<typename Rule::template Scalars<typename Store::opmath_t>> scalars(n);
+  for (size_t t = 0; t < n; ++t) {
+    Sums sums{};
+    for (int64_t chunk = first_chunk[t]; chunk < first_chunk[t + 1]; ++chunk) {
+      for (size_t r = 0; r < sums.size(); ++r) sums[r] += chunk_sums[chunk][r];
+    }
+    auto& tensor = task.tensors[t];
+    scalars[t] = task.scalars[tensor.scalars_index];
+    Rule::finish(scalars[t], sums.data());
+    tensor.scalars_index = int64_t(t);
+  }
+  task.scalars = std::move(scalars);
+}
+
+// Runs the task: its reduction phase if the rule has one, then one parallel
+// region over all elements (blocks) of all tensors.
+template <class Rule, class Store>
+void run(Task<Rule, Store>& task) {
   const int64_t total = task.offsets.back();
   if (total == 0) return;
   const Isa isa = active_isa();
+  if constexpr (rules::num_sums<Rule>() > 0) reduce(task, isa);
   if constexpr (Store::kQuantized) {
     const auto loop = ElementLoop<Rule, DecodedStorage<Store>>::for_isa(isa);
     const BlockCodec codec = block_codec(isa);

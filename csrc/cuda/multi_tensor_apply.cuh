@@ -37,6 +37,7 @@
 #include <type_traits>
 
 #include "../rules/quantization.h"
+#include "../rules/reduction.h"
 #include "../rules/rounding.h"
 #include "step_launch.h"
 
@@ -44,8 +45,9 @@ namespace fastopt::cuda {
 
 // Elements per block: large enough that a block's fixed cost (finding its
 // tensor, deriving the scalars) is amortized over 64K elements, small enough
-// that a 1M-element tensor still spreads over 16 SMs.
-constexpr int64_t kChunkElements = 65536;
+// that a 1M-element tensor still spreads over 16 SMs.  The chunks of the
+// reduction phase too (Note [Reduction phase]), whose sums depend on it.
+constexpr int64_t kChunkElements = rules::kSumChunkElements;
 constexpr int kBlockThreads = 512;  // 16 warps: enough loads in flight per SM
 constexpr int kVectorBytes = 16;    // the widest load a thread issues
 
@@ -144,6 +146,12 @@ struct LaunchArgs {
   const float* found_inf;
   bool maximize;
   uint32_t rounding_seed;
+  // The reduction phase's memory (Note [Reduction phase]), rules with one
+  // only: each chunk's lane sums, each chunk's sums, each tensor's sums.
+  double* lane_sums;
+  double* chunk_sums;
+  double* sums;
+  int32_t num_chunks;
 };
 
 // The scalar states of a launch's tensors, advanced one tensor per thread
@@ -285,14 +293,10 @@ __device__ __forceinline__ void update_block(
   }
 }
 
+// The tensor of a chunk of the launch: the last one starting at or before
+// it (empty tensors start where the next one does and are never chosen).
 template <class Rule, class Store>
-__global__ void __launch_bounds__(kBlockThreads)
-    update_kernel(const LaunchArgs<Rule, Store> __grid_constant__ args) {
-  using opmath_t = typename Store::opmath_t;
-  if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
-  // The tensor of this block's chunk: the last one starting at or before it
-  // (empty tensors start where the next one does and are never chosen).
-  const int chunk = blockIdx.x;
+__device__ __forceinline__ int tensor_of_chunk(const LaunchArgs<Rule, Store>& args, int chunk) {
   int lo = 0, hi = args.num_tensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
@@ -302,12 +306,104 @@ __global__ void __launch_bounds__(kBlockThreads)
       hi = mid - 1;
     }
   }
-  const auto& t = args.tensors[lo];
+  return lo;
+}
+
+// Tensor `tensor`'s per-step scalars, from its scalar states and lr on the
+// device (Note [CUDA driver layout]).
+template <class Rule, class Store>
+__device__ __forceinline__ typename Rule::template Scalars<typename Store::opmath_t> tensor_scalars(
+    const LaunchArgs<Rule, Store>& args, int tensor) {
   typename Rule::Hyper hyper = args.hyper;
   if (args.lr != nullptr) hyper.lr = *args.lr;
   double before[LaunchArgs<Rule, Store>::kStates], after[LaunchArgs<Rule, Store>::kStates];
-  advance_scalar_states<Rule>(hyper, t.scalar_state, before, after);
-  const auto scalars = Rule::template scalars<opmath_t>(hyper, before, after);
+  advance_scalar_states<Rule>(hyper, args.tensors[tensor].scalar_state, before, after);
+  return Rule::template scalars<typename Store::opmath_t>(hyper, before, after);
+}
+
+// The reduction phase, one block per chunk and one thread per lane (Note
+// [Reduction phase]): each thread adds the terms of its lane's elements in
+// order and writes its lane's sums.  Reads the streams only.
+template <class Rule, class Store>
+__global__ void __launch_bounds__(rules::kSumLanes)
+    reduce_kernel(const LaunchArgs<Rule, Store> __grid_constant__ args) {
+  using opmath_t = typename Store::opmath_t;
+  constexpr int kSums = rules::num_sums<Rule>();
+  constexpr int kSlots = LaunchArgs<Rule, Store>::kSlots;
+  if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
+  const int chunk = blockIdx.x;
+  const int tensor = tensor_of_chunk(args, chunk);
+  const auto& t = args.tensors[tensor];
+  const auto scalars = tensor_scalars(args, tensor);
+  const opmath_t grad_scale = args.grad_scale != nullptr ? opmath_t(*args.grad_scale) : opmath_t(1);
+  const opmath_t grad_sign = args.maximize ? opmath_t(-1) : opmath_t(1);
+  const int64_t begin = int64_t(chunk - args.first_chunk[tensor]) * kChunkElements;
+  const int64_t end = begin + kChunkElements < t.numel ? begin + kChunkElements : t.numel;
+  double lane[kSums];
+#pragma unroll
+  for (int r = 0; r < kSums; ++r) lane[r] = 0.0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += rules::kSumLanes) {
+    const opmath_t p = Store::kMaster ? opmath_t(t.master[i]) : load_as<opmath_t>(t.param[i]);
+    const opmath_t g = load_as<opmath_t>(t.grad[i]) / grad_scale * grad_sign;
+    opmath_t slot[kSlots];
+#pragma unroll
+    for (int k = 0; k < Rule::kNumSlots; ++k) {
+      if constexpr (Store::kQuantized) {
+        slot[k] = quantization::decode_value(t.slot[k][i], t.scale[k][i / quantization::kBlockElements]);
+      } else {
+        slot[k] = load_as<opmath_t>(t.slot[k][i]);
+      }
+    }
+    double terms[kSums];
+    Rule::reduce(p, g, slot, scalars, terms);
+#pragma unroll
+    for (int r = 0; r < kSums; ++r) lane[r] += terms[r];
+  }
+#pragma unroll
+  for (int r = 0; r < kSums; ++r) args.lane_sums[(int64_t(chunk) * rules::kSumLanes + threadIdx.x) * kSums + r] = lane[r];
+}
+
+// Each chunk's sums: its lane sums in lane order, one thread per chunk.
+template <class Rule, class Store>
+__global__ void sum_lanes_kernel(const LaunchArgs<Rule, Store> __grid_constant__ args) {
+  constexpr int kSums = rules::num_sums<Rule>();
+  if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
+  const int64_t chunk = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (chunk >= args.num_chunks) return;
+  for (int r = 0; r < kSums; ++r) {
+    double sum = 0.0;
+    for (int lane = 0; lane < rules::kSumLanes; ++lane) {
+      sum += args.lane_sums[(chunk * rules::kSumLanes + lane) * kSums + r];
+    }
+    args.chunk_sums[chunk * kSums + r] = sum;
+  }
+}
+
+// Each tensor's sums: its chunks' sums in chunk order, one thread per tensor.
+template <class Rule, class Store>
+__global__ void sum_chunks_kernel(const LaunchArgs<Rule, Store> __grid_constant__ args) {
+  constexpr int kSums = rules::num_sums<Rule>();
+  if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
+  const int tensor = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (tensor >= args.num_tensors) return;
+  const int end = tensor + 1 < args.num_tensors ? args.first_chunk[tensor + 1] : args.num_chunks;
+  for (int r = 0; r < kSums; ++r) {
+    double sum = 0.0;
+    for (int chunk = args.first_chunk[tensor]; chunk < end; ++chunk) sum += args.chunk_sums[chunk * kSums + r];
+    args.sums[tensor * kSums + r] = sum;
+  }
+}
+
+template <class Rule, class Store>
+__global__ void __launch_bounds__(kBlockThreads)
+    update_kernel(const LaunchArgs<Rule, Store> __grid_constant__ args) {
+  using opmath_t = typename Store::opmath_t;
+  if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
+  const int chunk = blockIdx.x;
+  const int lo = tensor_of_chunk(args, chunk);
+  const auto& t = args.tensors[lo];
+  auto scalars = tensor_scalars(args, lo);
+  if constexpr (rules::num_sums<Rule>() > 0) Rule::finish(scalars, args.sums + lo * rules::num_sums<Rule>());
   const opmath_t grad_scale = args.grad_scale != nullptr ? opmath_t(*args.grad_scale) : opmath_t(1);
   const opmath_t grad_sign = args.maximize ? opmath_t(-1) : opmath_t(1);
   const int64_t begin = int64_t(chunk - args.first_chunk[lo]) * kChunkElements;
@@ -398,6 +494,21 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     chunks += (in.numel + kChunkElements - 1) / kChunkElements;
   }
   if (chunks > 0) {
+    if constexpr (rules::num_sums<Rule>() > 0) {
+      // Note [Reduction phase]; the workspace holds the sums of the whole
+      // step, so it holds this launch's (the launches run in stream order).
+      constexpr int kSums = rules::num_sums<Rule>();
+      args.num_chunks = int32_t(chunks);
+      args.lane_sums = launch.reduction_workspace;
+      args.chunk_sums = args.lane_sums + chunks * rules::kSumLanes * kSums;
+      args.sums = args.chunk_sums + chunks * kSums;
+      const unsigned threads = 128;
+      launch_kernel(reduce_kernel<Rule, Store>, unsigned(chunks), rules::kSumLanes, stream, args, "reduce_kernel");
+      launch_kernel(sum_lanes_kernel<Rule, Store>, unsigned((chunks + threads - 1) / threads), threads, stream,
+                    args, "sum_lanes_kernel");
+      launch_kernel(sum_chunks_kernel<Rule, Store>, unsigned((args.num_tensors + threads - 1) / threads), threads,
+                    stream, args, "sum_chunks_kernel");
+    }
     launch_kernel(update_kernel<Rule, Store>, unsigned(chunks), kBlockThreads, stream, args,
                   "update_kernel");
   }

@@ -155,11 +155,21 @@ void run_launch(const char* op, const StepLists& lists, HyperT hyper, bool maxim
 }
 
 // The CUDA step of an optimizer of the table (its kernels: launch_step).
+// A rule with a reduction phase gets its workspace here, from the caching
+// allocator on the step's stream (Note [Reduction phase]).
 template <class Optimizer>
 void step(const char* op, const StepLists& lists, const typename Optimizer::Hyper& hyper,
           bool maximize, const StepArgs& step_args) {
-  run_launch(op, lists, hyper, maximize, step_args,
-             [](const StepLaunch& launch, const auto& h) { launch_step<Optimizer>(launch, h); });
+  run_launch(op, lists, hyper, maximize, step_args, [&](const StepLaunch& launch, const auto& h) {
+    StepLaunch with_workspace = launch;
+    const int64_t workspace_doubles = reduction_workspace_doubles<Optimizer>(launch, h);
+    at::Tensor workspace;
+    if (workspace_doubles > 0) {
+      workspace = at::empty({workspace_doubles}, lists.params[0].options().dtype(at::kDouble));
+      with_workspace.reduction_workspace = workspace.data_ptr<double>();
+    }
+    launch_step<Optimizer>(with_workspace, h);
+  });
 }
 
 void roofline_cuda(at::TensorList params, at::TensorList grads, at::TensorList slots) {

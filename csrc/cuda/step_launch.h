@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../rules/common.h"
+#include "../rules/reduction.h"
 
 struct CUstream_st;  // cudaStream_t, without the CUDA runtime headers
 
@@ -46,7 +47,27 @@ struct StepLaunch {
   const float* found_inf;   // AMP: when nonzero, nothing is written, steps included
   bool maximize;
   CUstream_st* stream;
+  // A rule with a reduction phase (Note [Reduction phase]): device memory
+  // of reduction_workspace_doubles doubles for its partial sums; else null.
+  double* reduction_workspace;
 };
+
+// The doubles of device memory a step with `num_sums` per-tensor sums needs:
+// every chunk's lane sums and chunk sums, and every tensor's sums.
+inline int64_t reduction_workspace_doubles(const StepLaunch& launch, int num_sums) {
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < launch.num_tensors; ++i) chunks += rules::num_sum_chunks(launch.tensors[i].numel);
+  return (chunks * (rules::kSumLanes + 1) + launch.num_tensors) * num_sums;
+}
+
+// The same for a step of an optimizer of the table: 0 for a rule variant
+// without a reduction phase.
+template <class Optimizer>
+int64_t reduction_workspace_doubles(const StepLaunch& launch, const typename Optimizer::Hyper& hyper) {
+  int num_sums = 0;
+  Optimizer::with_rule(hyper, [&](auto rule) { num_sums = rules::num_sums<decltype(rule)>(); });
+  return num_sums == 0 ? 0 : reduction_workspace_doubles(launch, num_sums);
+}
 
 // Most tensors one kernel launch takes (Note [CUDA driver layout]), with
 // 8-bit state or without; a step over more is split into several launches.

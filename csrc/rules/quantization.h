@@ -180,6 +180,13 @@ FASTOPT_BLOCK_INLINE float decode(uint8_t code, float scale_abs) {
   return UnsignedMagnitude::decode(code) * scale_abs;
 }
 
+// One value of a block, from its code and the block's stored scale (what
+// decode_block gives for it).
+FASTOPT_BLOCK_INLINE float decode_value(uint8_t code, float stored_scale) {
+  const float magnitude = scale_magnitude(stored_scale);
+  return signed_map(stored_scale) ? decode<true>(code, magnitude) : decode<false>(code, magnitude);
+}
+
 // Blocks of a tensor of `numel` elements (the length of its scale tensor).
 FASTOPT_BLOCK_INLINE int64_t num_blocks(int64_t numel) {
   return (numel + kBlockElements - 1) / kBlockElements;

@@ -224,6 +224,7 @@ struct Variant {
   // tensors, as after add_param_group; other states start at `start`.
   std::vector<std::function<double(size_t t)>> initial_scalar_states;
   bool counts_steps = false;
+  bool reduces = false;             // has a reduction phase (Note [Reduction phase])
   bool plain_storage_only = false;  // the roofline: plain storages,
   bool takes_step_args = true;      // and none of CallOptions but `call`
   std::function<void(const Streams&, TL grads, const CallOptions&, const CpuStepArgs&)> cpu;
@@ -246,6 +247,7 @@ Variant optimizer_variant(typename Optimizer::Hyper hyper,
   }
   const auto used = Optimizer::slots_used(hyper);
   for (bool u : used) v.num_slots += int(u);
+  Optimizer::with_rule(hyper, [&](auto rule) { v.reduces = rules::num_sums<decltype(rule)>() > 0; });
   for (size_t c = 0; c < Optimizer::kScalarStates.size(); ++c) {
     const bool step = std::string(Optimizer::kScalarStates[c]) == "state_steps";
     const double start = c < initial_states.size() ? initial_states[c] : 1.0;
@@ -284,7 +286,12 @@ Variant optimizer_variant(typename Optimizer::Hyper hyper,
         .callBoxed(stack);
   };
   v.emulated = [=](const cuda::StepLaunch& launch, const CallOptions& o) {
-    cuda::launch_step<Optimizer>(launch, hyper_at(o.call));
+    // The reduction phase's workspace, as the launcher allocates it.
+    const Hyper h = hyper_at(o.call);
+    std::vector<double> workspace(cuda::reduction_workspace_doubles<Optimizer>(launch, h));
+    cuda::StepLaunch with_workspace = launch;
+    with_workspace.reduction_workspace = workspace.empty() ? nullptr : workspace.data();
+    cuda::launch_step<Optimizer>(with_workspace, h);
   };
   return v;
 }
@@ -337,6 +344,14 @@ std::vector<Variant> variants() {
     out.push_back(optimizer_variant<rules::AggmoOptimizer>({lr, 0.0, 0.9, 0.99, num_betas, 0.1}));
   }
   out.push_back(optimizer_variant<rules::LookaheadOptimizer>({0.0, 0.5}));
+  // The reduction phase (Note [Reduction phase]): LAMB's sums of a computed
+  // update, LARS's of the params and grads.
+  out.push_back(optimizer_variant<rules::LambOptimizer>({lr, 0.9, 0.999, 1e-6, 0.1, true, true, true, false}));
+  out.push_back(optimizer_variant<rules::LambOptimizer>({lr, 0.9, 0.999, 1e-6, 0.1, false, false, false, false}));
+  for (const auto& [momentum, nesterov, adapt] :
+       {std::tuple{0.0, false, true}, std::tuple{0.9, false, true}, std::tuple{0.9, true, false}}) {
+    out.push_back(optimizer_variant<rules::LarsOptimizer>({0.1, momentum, 0.1, 0.01, 0.02, 1e-8, nesterov, adapt}));
+  }
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
@@ -486,11 +501,12 @@ void run_case(const Variant& v, const StorageSpec& storage, const std::vector<Te
       ++applied;
     }
     // One update launch per group of tensors, and one scalar-state launch
-    // after it (launched, and skipped on the device, under found_inf too).
+    // after it (launched, and skipped on the device, under found_inf too);
+    // a reduction phase adds its three launches before the update.
     const int64_t per_launch = cuda::max_tensors_per_launch(quantized);
     const int64_t groups = (int64_t(specs.size()) + per_launch - 1) / per_launch;
     const int64_t launches = emulation::launch_count - launches_before;
-    const int64_t per_group = v.initial_scalar_states.empty() ? 1 : 2;
+    const int64_t per_group = (v.initial_scalar_states.empty() ? 1 : 2) + (v.reduces ? 3 : 0);
     FASTOPT_CHECK(launches == groups * per_group, call_what, ": ", launches, " launches for ",
                   specs.size(), " tensors (", per_launch, " per launch)");
   }
