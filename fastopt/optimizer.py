@@ -342,9 +342,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     A subclass declares its op and state (see "what a subclass declares"
     below): ``_op``, ``_op_slots``, ``_scalar_states``, ``_hyper(group)`` and,
     where its options change them, ``_slot_names(group)``,
-    ``_init_slots(group, param, state)`` and ``_initial_scalar_state``.
+    ``_init_slots(group, param, state)`` and ``_initial_scalar_state``;
+    ``_bucket_kind`` where some params take other hyperparameters (LARS's
+    excluded 1-D params), ``_norms_per_param`` where its rule takes norms of
+    whole params (no DTensor shards).
 
-    ``max_grad_norm`` (keyword-only in every optimizer; None: off) clips as
+    ``max_grad_norm`` (keyword-only in every optimizer; None: off, the
+    default but for LAMB's 1.0, Apex's) clips as
     ``torch.nn.utils.clip_grad_norm_(all params, max_grad_norm)`` before each
     step would, fused into it (Note [Fused gradient clipping] in
     fastopt/clip.py); ``last_grad_norm`` is the norm the last step saw.
