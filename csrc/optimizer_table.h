@@ -35,6 +35,8 @@
 #include "rules/lars.h"
 #include "rules/lion.h"
 #include "rules/lookahead.h"
+#include "rules/muon_momentum.h"
+#include "rules/muon_update.h"
 #include "rules/nadam.h"
 #include "rules/qhadam.h"
 #include "rules/radam.h"
@@ -60,7 +62,9 @@
   X(aggmo, AggmoOptimizer)       \
   X(lookahead, LookaheadOptimizer) \
   X(lamb, LambOptimizer)           \
-  X(lars, LarsOptimizer)
+  X(lars, LarsOptimizer)           \
+  X(muon_momentum, MuonMomentumOptimizer) \
+  X(muon_update, MuonUpdateOptimizer)
 
 namespace fastopt {
 

@@ -1,7 +1,7 @@
 """fastopt: torch.optim optimizers whose steps run as fused multi-tensor kernels.
 
 ``fastopt.Adam, AdamW, RMSprop, SGD, Adagrad, NAdam, RAdam, Adamax,
-Adadelta, ASGD, Rprop`` take the arguments of their torch.optim namesakes
+Adadelta, ASGD, Rprop, Muon`` take the arguments of their torch.optim namesakes
 and keep the same state, so ``state_dict`` moves both ways.
 ``fastopt.Lion``, ``ADOPT``, ``AdaBound``, ``QHAdam``, ``AggMo`` and the
 large-batch ``LAMB`` and ``LARS`` (which torch.optim lacks) follow the same
@@ -28,6 +28,7 @@ from .lars import LARS
 from .lion import Lion
 from .lookahead import Lookahead
 from .lr_range import LRRangeResult, lr_range_test
+from .muon import Muon
 from .nadam import NAdam
 from .optimizer import dequantize_state_dict
 from .qhadam import QHAdam
@@ -38,6 +39,6 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
-           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "Lookahead", "GradScaler",
+           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "Muon", "Lookahead", "GradScaler",
            "lr_range_test", "LRRangeResult", "dequantize_state_dict",
            "backends", "__version__"]

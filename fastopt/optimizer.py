@@ -345,7 +345,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``_init_slots(group, param, state)`` and ``_initial_scalar_state``;
     ``_bucket_kind`` where some params take other hyperparameters (LARS's
     excluded 1-D params), ``_norms_per_param`` where its rule takes norms of
-    whole params (no DTensor shards).
+    whole params (no DTensor shards), ``_bound_in_python`` where its ``_run``
+    calls several ops with Python between them (Muon).
 
     ``max_grad_norm`` (keyword-only in every optimizer; None: off, the
     default but for LAMB's 1.0, Apex's) clips as
@@ -374,6 +375,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The rule takes norms of whole params (Note [Reduction phase] in
     # csrc/rules/reduction.h): a DTensor's local shard cannot be stepped alone.
     _norms_per_param: bool = False
+    # The step runs Python between op calls (Muon's orthogonalization): its
+    # buckets bind their lists in Python (reference.BoundTensors over the
+    # bucket's list ops), which its ``_run`` reads.
+    _bound_in_python: bool = False
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str | None,
                  max_grad_norm: float | None = None, options: dict[str, Any]) -> None:
@@ -560,7 +565,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_loaded_state(self) -> None:
         where = f"fastopt.{type(self).__name__}.load_state_dict"
         for g, group in enumerate(self.param_groups):
-            missing = [key for key in self.defaults if key not in group]
+            # torch.optim's __setstate__ adds "differentiable" to the defaults of
+            # every optimizer, also of those without such an argument (Muon).
+            missing = [key for key in self.defaults if key not in group and key != "differentiable"]
             if missing:
                 raise ValueError(f"{where}: the loaded param_groups[{g}] has no {missing} (the "
                                  "state_dict of another optimizer?); nothing was changed")
@@ -902,6 +909,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 buckets.append(_Bucket(bucket_kernels, device, dtype, fresh, None, complex_tensors, kind=kind))
             elif sharded:
                 bound = _LocalShards(bucket_kernels, params, slots, scalar_states, masters)
+                buckets.append(_Bucket(reference, device, dtype, fresh, bound, kind=kind))
+            elif self._bound_in_python:
+                bound = reference.BoundTensors(params, slots, scalar_states, masters, scales, ops=bucket_kernels)
                 buckets.append(_Bucket(reference, device, dtype, fresh, bound, kind=kind))
             else:
                 bound = bucket_kernels.BoundTensors(params, slots, scalar_states, masters, scales)

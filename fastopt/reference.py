@@ -24,7 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
-    "lion_", "adopt_", "lamb_", "lars_", "grad_sq_norm",
+    "lion_", "adopt_", "lamb_", "lars_", "muon_momentum_", "muon_update_", "grad_sq_norm",
     "BoundTensors", "tensor_problem", "is_dense", "ordered_sum", "grad_sq_norm_bound_",
     "quantize_blocks", "dequantize_blocks", "num_quantization_blocks", "QUANTIZATION_BLOCK",
 ]
@@ -987,6 +987,61 @@ def lars_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_de
             st.store(momentum_buffers[i], buf)
             direction = direction + momentum * buf if nesterov else buf
         p.add_(direction * -lr)
+        st.store_param(i, param, p)
+
+
+def _lerp(start: Tensor, end: Tensor, weight: float, opmath: torch.dtype) -> Tensor:
+    """torch.lerp(start, end, weight) with the rounding of the rule's lerp
+    (csrc/rules/muon_momentum.h): the weight and 1 - weight in opmath, each
+    operation rounded on its own."""
+    weight = _float32(weight) if opmath == torch.float32 else weight
+    if -0.5 < weight < 0.5:
+        return start + (end - start) * weight
+    one_minus_weight = _float32(1.0 - weight) if opmath == torch.float32 else 1.0 - weight
+    return end - (end - start) * one_minus_weight
+
+
+@torch.no_grad()
+def muon_momentum_(params, grads, momentum_buffers, *, lr, momentum, nesterov, maximize, lr_tensor=None,
+                   grad_scale=None, found_inf=None, master_params=(), rounding_seed=None,
+                   state_scales=()) -> None:
+    """Muon's momentum (csrc/rules/muon_momentum.h), lr unused; ``params`` are
+    the buffers that receive the update to orthogonalize::
+
+        g = -g if maximize;  b = lerp(b, g, 1 - momentum)
+        params[i] = lerp(g, b, momentum) if nesterov else b
+    """
+    st = _Step("muon_momentum_", params, grads, {"momentum_buffers": momentum_buffers}, {},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
+    if st.skip:
+        return
+    for i, update in enumerate(params):
+        g = st.grad(grads[i], maximize)
+        buf = _lerp(st.load(momentum_buffers[i]), g, 1.0 - momentum, st.opmath)
+        st.store(momentum_buffers[i], buf)
+        st.store_param(i, update, _lerp(g, buf, momentum, st.opmath) if nesterov else buf)
+
+
+@torch.no_grad()
+def muon_update_(params, grads, *, lr, weight_decay, lr_ratio, maximize, lr_tensor=None, grad_scale=None,
+                 found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
+    """Muon's update (csrc/rules/muon_update.h); ``grads`` are the
+    orthogonalized updates O::
+
+        O = -O if maximize;  p *= 1 - lr*wd;  p += -(lr * lr_ratio) * O
+    """
+    st = _Step("muon_update_", params, grads, {}, {},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
+    if st.skip:
+        return
+    decay_factor, neg_step = 1.0 - st.lr * weight_decay, -(st.lr * lr_ratio)
+    for i, param in enumerate(params):
+        p = st.param(i, param)
+        p.mul_(decay_factor).add_(st.grad(grads[i], maximize) * neg_step)
         st.store_param(i, param, p)
 
 

@@ -52,9 +52,12 @@ class OptimizerCase:
         the test clips the grads itself (``clip_grad_norm_``), so an oracle
         that clips in its step (LAMB's ``max_grad_norm``) must not clip again."""
         kwargs = self.make_kwargs()
-        if clipped_before and "max_grad_norm" in inspect.signature(self.torch_cls).parameters:
+        parameters = inspect.signature(self.torch_cls).parameters
+        if clipped_before and "max_grad_norm" in parameters:
             kwargs["max_grad_norm"] = None
-        return self.torch_cls(params, foreach=False, **kwargs)
+        if "foreach" in parameters:  # torch.optim.Muon has only a for-loop
+            kwargs["foreach"] = False
+        return self.torch_cls(params, **kwargs)
 
     def make_fastopt(self, params: Sequence[Tensor], backend: str | None = None) -> torch.optim.Optimizer:
         return self.fastopt_cls(params, backend=backend, **self.make_kwargs())
@@ -256,6 +259,22 @@ OPTIMIZERS: list[OptimizerCase] = [
                    "trust_coefficient": 0.02}),
 ]
 
+# Optimizers of 2-D params only (torch.optim.Muon), whose result also carries
+# the bfloat16 rounding of a Newton–Schulz iteration: the shape table below
+# (mostly 1-D) and the tolerances of a few float ulps do not fit them, so
+# tests/test_muon.py runs the parity, exactness, storage, clip, AMP and
+# bad-input checks on matrices.  Weight decays "unround" as above; lr 0.02
+# (Muon's usual) moves each param by ~2% of an orthogonal matrix per step.
+MATRIX_OPTIMIZERS: list[OptimizerCase] = [
+    OptimizerCase("muon-default", torch.optim.Muon, fastopt.Muon, {"lr": 2e-2}),
+    OptimizerCase("muon-no_nesterov-momentum-weight_decay", torch.optim.Muon, fastopt.Muon,
+                  {"lr": 2e-2, "nesterov": False, "momentum": 0.8, "weight_decay": 0.0731}),
+    OptimizerCase("muon-match_rms_adamw", torch.optim.Muon, fastopt.Muon,
+                  {"lr": 2e-2, "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.0517}),
+    OptimizerCase("muon-newton_schulz-tensor_lr", torch.optim.Muon, fastopt.Muon,
+                  {"lr": torch.tensor(3e-2, dtype=torch.float64), "adjust_lr_fn": "original", "ns_steps": 3,
+                   "ns_coefficients": (2.0, -1.5, 0.5), "eps": 1e-5, "weight_decay": 0.0}),
+]
 OPTIMIZER_IDS = [case.id for case in OPTIMIZERS]
 OPTIMIZERS_BY_ID = {case.id: case for case in OPTIMIZERS}
 # The state keys of per-tensor scalar states ("step", NAdam's "mu_product",
@@ -499,7 +518,7 @@ def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list
 
 
 __all__ = [
-    "OptimizerCase", "OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase",
+    "OptimizerCase", "OPTIMIZERS", "MATRIX_OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase",
     "SHAPES",
     "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
     "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",

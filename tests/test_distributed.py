@@ -326,19 +326,22 @@ def _scenario_dtensor_grad_placement(rank: int, tmpdir: Path) -> None:
 
 
 def _scenario_fsdp2_per_param_norms(rank: int, tmpdir: Path) -> None:
-    """LAMB and LARS take the norm of each whole param, which the step of a
-    shard cannot see: given FSDP2's DTensor params they raise
-    NotImplementedError naming that limit (never a silently local norm),
-    when built and when such params are added to a built optimizer."""
+    """LAMB and LARS take the norm of each whole param, Muon orthogonalizes
+    each whole matrix, which the step of a shard cannot see: given FSDP2's
+    DTensor params they raise NotImplementedError naming that limit (never a
+    silently local norm), when built and when such params are added to a
+    built optimizer."""
     import fastopt
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-    for name in ("LAMB", "LARS"):
+    for name in ("LAMB", "LARS", "Muon"):
         model = _fsdp2_model(mesh)
-        for build in (lambda: getattr(fastopt, name)(model.parameters()),
-                      lambda: getattr(fastopt, name)([torch.nn.Parameter(torch.ones(3))]).add_param_group(
-                          {"params": list(model.parameters())})):
+        # Muon takes matrices only: the weights, not the biases.
+        params = [p for p in model.parameters() if name != "Muon" or p.dim() == 2]
+        for build in (lambda: getattr(fastopt, name)(params),
+                      lambda: getattr(fastopt, name)([torch.nn.Parameter(torch.ones(3, 3))]).add_param_group(
+                          {"params": params})):
             try:
                 build()
             except NotImplementedError as error:

@@ -191,6 +191,11 @@ OP_SPECS = {
     "lars_": (["params", "grads", "momentum_buffers"],
               dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.01, trust_coefficient=1e-3, eps=1e-8,
                    nesterov=True, adapt=True, maximize=False)),
+    # Muon's two passes (fastopt/muon.py): the momentum writes its params (the
+    # updates to orthogonalize), the update reads orthogonalized updates as grads.
+    "muon_momentum_": (["params", "grads", "momentum_buffers"],
+                       dict(lr=0.0, momentum=0.95, nesterov=True, maximize=False)),
+    "muon_update_": (["params", "grads"], dict(lr=1e-2, weight_decay=0.1, lr_ratio=1.5, maximize=False)),
 }
 # The per-tensor scalar-state lists of the ops (one-element float tensors) and
 # the value each holds in the valid calls: steps after 3 steps, NAdam's

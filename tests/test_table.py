@@ -2,7 +2,8 @@
 against the Python side: every row's list op has a reference function with
 the same arguments, every optimizer class runs an op of the table and names
 as many state lists as the op takes, and every class is covered by the test
-registry.  A new optimizer that misses one of its places fails here."""
+registry (OPTIMIZERS, or MATRIX_OPTIMIZERS for 2-D-only ones).  A new
+optimizer that misses one of its places fails here."""
 from __future__ import annotations
 
 import inspect
@@ -13,7 +14,7 @@ import torch
 import fastopt
 from fastopt import _fake, reference
 from fastopt.optimizer import FusedOptimizer
-from registry import OPTIMIZERS
+from registry import MATRIX_OPTIMIZERS, OPTIMIZERS
 
 COMPILED = "cpu" in fastopt.backends()["fused_devices"]
 needs_extension = pytest.mark.skipif(not COMPILED, reason="fastopt._C is not loaded")
@@ -56,4 +57,5 @@ def test_every_class_runs_an_op_of_the_table(cls):
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
 def test_every_class_is_in_the_registry(cls):
-    assert any(case.fastopt_cls is cls for case in OPTIMIZERS), f"tests/registry.py has no {cls.__name__} row"
+    assert any(case.fastopt_cls is cls for case in OPTIMIZERS + MATRIX_OPTIMIZERS), (
+        f"tests/registry.py has no {cls.__name__} row")

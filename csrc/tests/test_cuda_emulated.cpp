@@ -352,6 +352,12 @@ std::vector<Variant> variants() {
        {std::tuple{0.0, false, true}, std::tuple{0.9, false, true}, std::tuple{0.9, true, false}}) {
     out.push_back(optimizer_variant<rules::LarsOptimizer>({0.1, momentum, 0.1, 0.01, 0.02, 1e-8, nesterov, adapt}));
   }
+  // Muon's passes around its orthogonalization (fastopt/muon.py): the
+  // momentum writes its params, the update has no slot.
+  for (bool nesterov : {false, true}) {
+    out.push_back(optimizer_variant<rules::MuonMomentumOptimizer>({0.0, 0.95, nesterov}));
+  }
+  out.push_back(optimizer_variant<rules::MuonUpdateOptimizer>({lr, 0.1, 1.5}));
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
