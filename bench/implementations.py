@@ -14,6 +14,7 @@ implementations run torch's recipe (``scaler.unscale_``, ``clip_grad_norm_``,
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -48,8 +49,11 @@ def _torch_optimizer(spec: OptimizerSpec, params: list[Tensor], flags: dict) -> 
         raise Unsupported(f"torch.optim has no {spec.cls}")
     if "state_dtype" in spec.options:
         raise Unsupported(f"torch.optim.{spec.cls} keeps its state in the params' dtype")
+    cls = getattr(torch.optim, spec.cls)
+    if flags == {"foreach": False} and "foreach" not in inspect.signature(cls).parameters:
+        flags = {}  # a for-loop only (Muon)
     try:
-        return getattr(torch.optim, spec.cls)(params, **spec.options, **flags)
+        return cls(params, **spec.options, **flags)
     except TypeError as error:  # e.g. RMSprop takes no `fused`
         raise Unsupported(f"torch.optim.{spec.cls} does not accept {flags} ({error})") from None
 

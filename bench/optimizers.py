@@ -73,6 +73,10 @@ SPECS: dict[str, OptimizerSpec] = {
         OptimizerSpec("lamb", "LAMB", "LAMB", {"lr": 1e-3, "weight_decay": 1e-2, "max_grad_norm": None}, 2,
                       reduction_slots=2),
         OptimizerSpec("lars", "LARS", "LARS", {"lr": 1e-1, "weight_decay": 1e-4}, 1, reduction_slots=0),
+        # Muon: 2-D params only (workloads matrices-64x256, gpt2-124m-matrices); its
+        # roofline is the element-wise streams of a momentum step (one slot), the
+        # Newton-Schulz matmuls come on top.
+        OptimizerSpec("muon", "Muon", "Muon", {"lr": 2e-2}, 1),
         OptimizerSpec("adam-8bit", "Adam", "Adam 8-bit state", {"lr": 1e-3, "state_dtype": torch.uint8}, 2,
                       state_itemsize=EIGHT_BIT_STATE_BYTES),
         OptimizerSpec("adamw-8bit", "AdamW", "AdamW 8-bit state",

@@ -43,6 +43,11 @@ def gpt2_shapes(d: int, layers: int) -> list[Shape]:
     return shapes
 
 
+def gpt2_block_matrices(d: int, layers: int) -> list[Shape]:
+    """The 2-D weights of GPT-2's blocks (no embeddings): what Muon takes."""
+    return [shape for shape in gpt2_shapes(d, layers)[2:] if len(shape) == 2]
+
+
 def resnet50_shapes() -> list[Shape]:
     """torchvision.models.resnet50() parameters in registration order:
     conv weights (no bias), BatchNorm weight and bias, fc weight and bias."""
@@ -79,6 +84,12 @@ WORKLOADS: dict[str, Workload] = {
         # 1.56B params: its fp32 Adam state alone is 25 GB, so GPU only.
         Workload("gpt2-xl", "the 580 parameters of GPT-2 XL (1.56B, lm_head tied)",
                  tuple(gpt2_shapes(1600, 48)), devices=("cuda",)),
+        # Matrices only, for Muon (2-D params; its Newton-Schulz matmuls are the
+        # step's cost, in bfloat16: minutes per step of GPT-2's on a CPU
+        # without bfloat16 matrix instructions, so the CPU gets small ones).
+        Workload("matrices-64x256", "32 matrices of 64 x 256", ((64, 256),) * 32),
+        Workload("gpt2-124m-matrices", "the 48 block weight matrices of GPT-2 small (85M)",
+                 tuple(gpt2_block_matrices(768, 12)), devices=("cuda",)),
         Workload("overhead", "100 tensors of 1 element: the fixed per-step cost", ((1,),) * 100,
                  overhead=True),
     )
@@ -87,3 +98,4 @@ WORKLOADS: dict[str, Workload] = {
 assert WORKLOADS["gpt2-124m"].num_tensors == 148
 assert WORKLOADS["gpt2-xl"].num_tensors == 580
 assert WORKLOADS["resnet50"].num_tensors == 161
+assert WORKLOADS["gpt2-124m-matrices"].num_tensors == 48

@@ -132,8 +132,9 @@ class Muon(FusedOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
+        if not isinstance(params, (Tensor, set)):  # a set: torch.optim's TypeError below
+            param_group["params"] = params = list(params)  # a generator is read once
+        for p in [params] if isinstance(params, Tensor) else params:
             if isinstance(p, Tensor) and p.ndim != 2:
                 raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
                                  f"{p.size()}")

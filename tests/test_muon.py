@@ -270,6 +270,14 @@ def test_params_that_are_not_matrices_raise_as_in_torch_optim(shape):
     assert len(optimizer.param_groups) == 1
 
 
+def test_params_from_generators_are_all_kept():
+    """The 2-D check reads a generator of params once, for torch.optim's own reading too."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2, bias=False))
+    optimizer = fastopt.Muon(p for p in model[0].parameters())
+    optimizer.add_param_group({"params": (p for p in model[1].parameters())})
+    assert [len(group["params"]) for group in optimizer.param_groups] == [1, 1]
+
+
 def _step_error_cases():
     def complex_params(params):
         params[1].data = torch.randn(params[1].shape, dtype=torch.complex64)
