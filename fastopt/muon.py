@@ -140,13 +140,20 @@ class Muon(FusedOptimizer):
                                  f"{p.size()}")
         super().add_param_group(param_group)
 
-    def _step_plans(self, kernels: Any = None):
-        # torch.optim.Muon checks these in its step; here before anything changes.
+    def _check_groups(self) -> None:
+        """torch.optim.Muon's checks in its step, here before anything changes."""
         for group in self.param_groups:
             _check_newton_schulz(group["ns_coefficients"], group["ns_steps"])
             if any(p.is_complex() for p in group["params"]):
                 raise RuntimeError("Muon does not support complex parameters")
+
+    def _step_plans(self, kernels: Any = None):
+        self._check_groups()
         return super()._step_plans(kernels)
+
+    def _traced_step(self) -> None:
+        self._check_groups()
+        super()._traced_step()
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"momentum": group["momentum"], "nesterov": group["nesterov"], "maximize": False}
