@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import reference
 from .optimizer import FusedOptimizer, _Bucket, large_model_options, MIN_8BIT_SIZE
 
 # torch.optim.Muon's defaults: Keller Jordan's quintic coefficients, 5 steps.
@@ -69,14 +68,6 @@ def lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     return math.sqrt(max(1, rows / cols)) if cols else 1.0
-
-
-def _check_newton_schulz(ns_coefficients: Any, ns_steps: int) -> None:
-    """torch.optim.Muon's checks of the iteration (which it makes in the step)."""
-    if ns_steps >= 100:
-        raise ValueError("Number of steps must be less than 100 for computational efficiency")
-    if len(ns_coefficients) != 3:
-        raise ValueError("Coefficients must be a tuple of exactly 3 values")
 
 
 class Muon(FusedOptimizer):
@@ -143,7 +134,10 @@ class Muon(FusedOptimizer):
     def _check_groups(self) -> None:
         """torch.optim.Muon's checks in its step, here before anything changes."""
         for group in self.param_groups:
-            _check_newton_schulz(group["ns_coefficients"], group["ns_steps"])
+            if group["ns_steps"] >= 100:
+                raise ValueError("Number of steps must be less than 100 for computational efficiency")
+            if len(group["ns_coefficients"]) != 3:
+                raise ValueError("Coefficients must be a tuple of exactly 3 values")
             if any(p.is_complex() for p in group["params"]):
                 raise RuntimeError("Muon does not support complex parameters")
 
