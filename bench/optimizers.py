@@ -77,6 +77,10 @@ SPECS: dict[str, OptimizerSpec] = {
         # roofline is the element-wise streams of a momentum step (one slot), the
         # Newton-Schulz matmuls come on top.
         OptimizerSpec("muon", "Muon", "Muon", {"lr": 2e-2}, 1),
+        # Adafactor: its fused op's streams, a variance-like slot (a matrix's is the
+        # estimate built from its factors) in a reduction pass and an update pass;
+        # the factors' row and column means (torch's reductions) come on top.
+        OptimizerSpec("adafactor", "Adafactor", "Adafactor", {"lr": 1e-2}, 1, reduction_slots=1),
         OptimizerSpec("adam-8bit", "Adam", "Adam 8-bit state", {"lr": 1e-3, "state_dtype": torch.uint8}, 2,
                       state_itemsize=EIGHT_BIT_STATE_BYTES),
         OptimizerSpec("adamw-8bit", "AdamW", "AdamW 8-bit state",

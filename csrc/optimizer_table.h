@@ -24,6 +24,7 @@
 #pragma once
 
 #include "rules/adabound.h"
+#include "rules/adafactor.h"
 #include "rules/adadelta.h"
 #include "rules/adagrad.h"
 #include "rules/adam.h"
@@ -64,7 +65,8 @@
   X(lamb, LambOptimizer)           \
   X(lars, LarsOptimizer)           \
   X(muon_momentum, MuonMomentumOptimizer) \
-  X(muon_update, MuonUpdateOptimizer)
+  X(muon_update, MuonUpdateOptimizer) \
+  X(adafactor, AdafactorOptimizer)
 
 namespace fastopt {
 

@@ -1,7 +1,7 @@
 """fastopt: torch.optim optimizers whose steps run as fused multi-tensor kernels.
 
 ``fastopt.Adam, AdamW, RMSprop, SGD, Adagrad, NAdam, RAdam, Adamax,
-Adadelta, ASGD, Rprop, Muon`` take the arguments of their torch.optim namesakes
+Adadelta, ASGD, Rprop, Muon, Adafactor`` take the arguments of their torch.optim namesakes
 and keep the same state, so ``state_dict`` moves both ways.
 ``fastopt.Lion``, ``ADOPT``, ``AdaBound``, ``QHAdam``, ``AggMo`` and the
 large-batch ``LAMB`` and ``LARS`` (which torch.optim lacks) follow the same
@@ -15,6 +15,7 @@ before a step with ``max_grad_norm``.
 """
 from ._extension import backends
 from .adabound import AdaBound
+from .adafactor import Adafactor
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
@@ -39,6 +40,7 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
-           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "Muon", "Lookahead", "GradScaler",
+           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "Muon", "Adafactor",
+           "Lookahead", "GradScaler",
            "lr_range_test", "LRRangeResult", "dequantize_state_dict",
            "backends", "__version__"]

@@ -132,7 +132,7 @@ class Muon(FusedOptimizer):
         super().add_param_group(param_group)
 
     def _check_groups(self) -> None:
-        """torch.optim.Muon's checks in its step, here before anything changes."""
+        """torch.optim.Muon's checks in its step."""
         for group in self.param_groups:
             if group["ns_steps"] >= 100:
                 raise ValueError("Number of steps must be less than 100 for computational efficiency")
@@ -140,14 +140,6 @@ class Muon(FusedOptimizer):
                 raise ValueError("Coefficients must be a tuple of exactly 3 values")
             if any(p.is_complex() for p in group["params"]):
                 raise RuntimeError("Muon does not support complex parameters")
-
-    def _step_plans(self, kernels: Any = None):
-        self._check_groups()
-        return super()._step_plans(kernels)
-
-    def _traced_step(self) -> None:
-        self._check_groups()
-        super()._traced_step()
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"momentum": group["momentum"], "nesterov": group["nesterov"], "maximize": False}

@@ -346,7 +346,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``_bucket_kind`` where some params take other hyperparameters (LARS's
     excluded 1-D params), ``_norms_per_param`` where its rule takes norms of
     whole params (no DTensor shards), ``_bound_in_python`` where its ``_run``
-    calls several ops with Python between them (Muon).
+    calls several ops with Python between them (Muon, Adafactor),
+    ``_param_slot_names`` where a kind of param keeps other state
+    (Adafactor's factored matrices) and ``_check_groups`` for torch.optim's
+    checks in its step.
 
     ``max_grad_norm`` (keyword-only in every optimizer; None: off, the
     default but for LAMB's 1.0, Apex's) clips as
@@ -368,6 +371,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # optimizers that advertise this; the kernels unscale the grads in
     # registers and skip the whole step when found_inf is nonzero.
     _step_supports_amp_scaling = True
+    # State tensors some params keep instead of the op's slots (see
+    # ``_param_slot_names``), loaded as slots are.
+    _other_slots: tuple[str, ...] = ()
     # Slots torch.optim creates lazily, so a loaded state may lack them.
     _optional_slots: tuple[str, ...] = ()
     # torch.optim's error for a sparse grad; None where sparse grads are supported.
@@ -408,10 +414,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The slots ``group``'s options keep, in op order (a subset of ``_op_slots``)."""
         return self._op_slots
 
+    def _param_slot_names(self, group: dict[str, Any], param: Tensor) -> tuple[str, ...]:
+        """The state tensors ``param`` keeps besides its scalar states: the
+        group's slots, unless the kind of param changes them (Adafactor's
+        factors of a matrix, which are not shaped like it)."""
+        return self._slot_names(group)
+
     def _init_slots(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         """Creates the missing slots of ``state`` for ``param`` (zeros by
         default) with ``_new_slot``."""
-        for name in self._slot_names(group):
+        for name in self._param_slot_names(group, param):
             if state.get(name) is None:
                 self._new_slot(param, state, name)
 
@@ -430,6 +442,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Params of different kinds go to different buckets (op calls), which
         ``_run`` can call with different hyperparameters (``bucket.kind``)."""
         return None
+
+    def _check_groups(self) -> None:
+        """Raises for hyperparameters or params the torch.optim class rejects
+        only in its step (Muon's ``ns_steps``, complex params), before anything
+        changes."""
 
     def _sparse_grad_problem(self, group: dict[str, Any]) -> str | None:
         """Why a sparse grad cannot be stepped with ``group``'s options
@@ -533,7 +550,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value
                 elif not isinstance(value, Tensor) or not p.is_floating_point():
                     continue
-                elif key in self._op_slots:
+                elif key in self._op_slots or key in self._other_slots:
                     self._load_slot(p, self.state[p], key, value, saved.get(_scales_key(key)))
                 elif key == "master_param" and p.dtype != torch.float32:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
@@ -571,13 +588,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if missing:
                 raise ValueError(f"{where}: the loaded param_groups[{g}] has no {missing} (the "
                                  "state_dict of another optimizer?); nothing was changed")
-            slot_names = self._slot_names(group)
-            required = [name for name in slot_names if name not in self._optional_slots]
-            required += list(self._scalar_states)
             for j, p in enumerate(group["params"]):
                 state = self.state.get(p)
                 if not state:
                     continue
+                required = [name for name in self._param_slot_names(group, p) if name not in self._optional_slots]
+                required += list(self._scalar_states)
                 param = f"param_groups[{g}]['params'][{j}]"
                 missing = [key for key in required if state.get(key) is None]
                 if missing:
@@ -588,7 +604,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if not isinstance(state[name], Tensor):
                         # Saved as a number (older torch), converted as torch.optim does.
                         state[name] = torch.tensor(float(state[name]), dtype=torch.float32)
-                problem = self._scales_problem(group, p, state) or reference.tensor_problem(
+                problem = self._state_layout_problem(group, p, state) or reference.tensor_problem(
                     "the param", p, self._state_tensors(group, p, state),
                     {f"state[{name!r}]": state[name] for name in self._scalar_states}, complex_ok=True,
                     dtypes=self._state_dtypes(group, p))
@@ -596,11 +612,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"{where}: the loaded state of {param}: {problem}; nothing was changed")
 
-    def _scales_problem(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> str | None:
-        """What is wrong with the block scales of ``param``'s 8-bit slots (or
-        with scales left next to a slot that could not be dequantized), or None."""
+    def _state_layout_problem(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> str | None:
+        """What is wrong with ``param``'s state that ``reference.tensor_problem``
+        does not check, or None: the block scales of its 8-bit slots (or
+        scales left next to a slot that could not be dequantized)."""
         quantized = _slot_dtype(self._options, param) == _QUANTIZED
-        for name in self._slot_names(group):
+        for name in self._param_slot_names(group, param):
             if state.get(name) is not None and (quantized or _scales_key(name) in state):
                 problem = _slot_scales_problem(param, state, name)
                 if problem is not None:
@@ -610,12 +627,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_tensors(self, group: dict[str, Any], param: Tensor,
                        state: dict[str, Any]) -> dict[str, Tensor]:
         """The state tensors of ``param`` the kernels read, by their name in messages."""
-        names = self._slot_names(group) + (("master_param",) if _has_master(self._options, param) else ())
+        names = self._param_slot_names(group, param)
+        names += ("master_param",) if _has_master(self._options, param) else ()
         return {f"state[{key!r}]": state[key] for key in names if state.get(key) is not None}
 
     def _state_dtypes(self, group: dict[str, Any], param: Tensor) -> dict[str, torch.dtype]:
         """The dtype each state tensor of ``param`` must have, by its name in messages."""
-        return {**{f"state[{key!r}]": _slot_dtype(self._options, param) for key in self._slot_names(group)},
+        return {**{f"state[{key!r}]": _slot_dtype(self._options, param)
+                   for key in self._param_slot_names(group, param)},
                 "state['master_param']": torch.float32}
 
     def _new_slot(self, param: Tensor, state: dict[str, Any], name: str, fill: Any = 0) -> None:
@@ -698,6 +717,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _traced_step(self) -> None:
         """The step while torch.compile traces it (Note [Compiled steps]): the
         list ops on lists gathered in Python, which the compiler sees through."""
+        self._check_groups()
         grad_scale, found_inf, grad_norm = self._step_scales(traced=True)
         for group in self.param_groups:
             lists, _, _ = self._bucket_lists(group)
@@ -715,6 +735,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._step_record["last_grad_norm"] = grad_norm
 
     def _step_plans(self, kernels: Any = None) -> list[_Plan]:
+        self._check_groups()
         plans: list[_Plan] = []
         try:
             for index, group in enumerate(self.param_groups):
@@ -744,6 +765,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             for group, bucket in runs:
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
                 ran_any = True
+                if self._bound_in_python:
+                    # As torch.optim's in-place ops (and the bound ops, csrc/bound_ops.cpp),
+                    # which the list ops its _run calls do not.
+                    torch.autograd.graph.increment_version([p for p in bucket.bound.params if p.grad is not None])
             if grad_norm is not None:
                 self._step_record["last_grad_norm"] = grad_norm
         except Exception as error:
@@ -769,7 +794,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         sparse = False
         for g, group in enumerate(self.param_groups):
-            slot_names = self._slot_names(group)
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -782,7 +806,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state = self.state.get(p, {})
                 tensors = {"grad": p.grad, **self._state_tensors(group, p, state)}
                 scalar_states = {f"state[{key!r}]": state[key] for key in self._scalar_states if key in state}
-                problem = self._scales_problem(group, p, state) or reference.tensor_problem(
+                problem = self._state_layout_problem(group, p, state) or reference.tensor_problem(
                     "the param", p, tensors, scalar_states, complex_ok=True, sparse_ok=("grad",),
                     dtypes=self._state_dtypes(group, p))
                 if problem is not None:
@@ -960,8 +984,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         (one op call takes one state dtype), as are params of different
         ``_bucket_kind``."""
         self._check_dtensor_params(group["params"])
-        slot_names = self._slot_names(group)
-        required = slot_names + self._scalar_states
         # (device, dtype, 8-bit?, fresh, DTensor?, occurrence, kind)
         #   -> (params, slot lists, scalar-state lists, masters, scale lists)
         lists: dict[tuple, tuple[list[Tensor], list[list[Tensor]], list[list[Tensor]], list[Tensor],
@@ -975,6 +997,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             occurrence = occurrences.get(id(p), 0)
             occurrences[id(p)] = occurrence + 1
             state = self.state.get(p, {})
+            slot_names = self._param_slot_names(group, p)
+            required = slot_names + self._scalar_states
             # A second entry of a param whose state this step creates starts
             # fresh too: torch.optim gathers all entries' state before stepping.
             fresh = id(p) in created_ids or any(state.get(name) is None for name in required)

@@ -24,7 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
-    "lion_", "adopt_", "lamb_", "lars_", "muon_momentum_", "muon_update_", "grad_sq_norm",
+    "lion_", "adopt_", "lamb_", "lars_", "muon_momentum_", "muon_update_", "adafactor_",
+    "grad_sq_norm",
     "BoundTensors", "tensor_problem", "is_dense", "ordered_sum", "grad_sq_norm_bound_",
     "quantize_blocks", "dequantize_blocks", "num_quantization_blocks", "QUANTIZATION_BLOCK",
 ]
@@ -992,7 +993,7 @@ def lars_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_de
 
 def _lerp(start: Tensor, end: Tensor, weight: float, opmath: torch.dtype) -> Tensor:
     """torch.lerp(start, end, weight) with the rounding of the rule's lerp
-    (csrc/rules/muon_momentum.h): the weight and 1 - weight in opmath, each
+    (csrc/rules/common.h): the weight and 1 - weight in opmath, each
     operation rounded on its own."""
     weight = _float32(weight) if opmath == torch.float32 else weight
     if -0.5 < weight < 0.5:
@@ -1005,7 +1006,7 @@ def _lerp(start: Tensor, end: Tensor, weight: float, opmath: torch.dtype) -> Ten
 def muon_momentum_(params, grads, momentum_buffers, *, lr, momentum, nesterov, maximize, lr_tensor=None,
                    grad_scale=None, found_inf=None, master_params=(), rounding_seed=None,
                    state_scales=()) -> None:
-    """Muon's momentum (csrc/rules/muon_momentum.h), lr unused; ``params`` are
+    """Muon's momentum (csrc/rules/common.h), lr unused; ``params`` are
     the buffers that receive the update to orthogonalize::
 
         g = -g if maximize;  b = lerp(b, g, 1 - momentum)
@@ -1042,6 +1043,45 @@ def muon_update_(params, grads, *, lr, weight_decay, lr_ratio, maximize, lr_tens
     for i, param in enumerate(params):
         p = st.param(i, param)
         p.mul_(decay_factor).add_(st.grad(grads[i], maximize) * neg_step)
+        st.store_param(i, param, p)
+
+
+@torch.no_grad()
+def adafactor_(params, grads, variances, state_steps, *, lr, beta2_decay, eps1, eps2, d, weight_decay, factored,
+               maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=(), rounding_seed=None,
+               state_scales=()) -> None:
+    """Adafactor's update (csrc/rules/adafactor.h); ``variances`` are the
+    vector params' variance (lerped here), or with ``factored`` the
+    estimates built from the row and column factors (read only)::
+
+        g = -g if maximize;  t += 1;  v = lerp(v, g*g, t^beta2_decay) (unless factored)
+        u = g / sqrt(max(v, eps1^2));  alpha = max(eps2, ||p|| / sqrt(n)) * min(lr, 1/sqrt(t))
+        p = p * (1 - lr*wd) + u * -(alpha / max(1, ||u|| / (sqrt(n) * d)))
+    """
+    st = _Step("adafactor_", params, grads, {"variances": variances}, {"state_steps": state_steps},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
+    if st.skip:
+        return
+    decay_factor = 1.0 - st.lr * weight_decay
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        if param.numel() == 0:
+            continue
+        p, variance, g = st.param(i, param), st.load(variances[i]), st.grad(grads[i], maximize)
+        if not factored:
+            variance = _lerp(variance, g * g, step**beta2_decay, st.opmath)
+            st.store(variances[i], variance)
+        update = g * (1 / variance.clamp(min=eps1 * eps1).sqrt())
+        streams = (grads[i], variances[i], *master_params[i:i + 1])
+        root_n = math.sqrt(param.numel())
+        inverse_root_step = 1.0 / math.sqrt(step)
+        rho = inverse_root_step if inverse_root_step < st.lr else st.lr
+        param_rms = _norm(p, param, streams) / root_n
+        clip_ratio = _norm(update, param, streams) / (root_n * d)
+        alpha = (param_rms if param_rms > eps2 else eps2) * rho
+        p.mul_(decay_factor).add_(update * -(alpha / (clip_ratio if clip_ratio > 1.0 else 1.0)))
         st.store_param(i, param, p)
 
 

@@ -404,3 +404,33 @@ class LARS(_ForLoop):
             buf.mul_(momentum).add_(direction * (1 - group["dampening"]))
             direction = direction + momentum * buf if group["nesterov"] else buf
         p.add_(direction * -lr)
+
+
+class Adafactor(torch.optim.Adafactor):
+    """torch.optim.Adafactor, but for params without elements: torch.optim
+    divides their norm by their zero elements (ZeroDivisionError); here, as in
+    fastopt, their state is created and their step counted, and nothing else
+    changes."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        empty = {p: p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and p.numel() == 0}
+        for p in empty:
+            p.grad = None
+        try:
+            loss = super().step(closure)
+        finally:
+            for p, grad in empty.items():
+                p.grad = grad
+        for p in empty:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                if p.dim() > 1:
+                    state["row_var"] = p.new_zeros(*p.shape[:-1], 1)
+                    state["col_var"] = p.new_zeros(*p.shape[:-2], 1, p.shape[-1])
+                else:
+                    state["variance"] = torch.zeros_like(p)
+            state["step"] += 1
+        return loss

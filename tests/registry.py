@@ -257,6 +257,18 @@ OPTIMIZERS: list[OptimizerCase] = [
     OptimizerCase("lars-dampening-tensor_lr", oracles.LARS, fastopt.LARS,
                   {"lr": torch.tensor(1.0, dtype=torch.float64), "momentum": 0.8, "dampening": 0.3,
                    "trust_coefficient": 0.02}),
+    # Adafactor (oracle: torch.optim.Adafactor, but for empty params, which it
+    # divides by zero): factored matrices and full vectors, decay, maximize,
+    # its eps pair and clipping threshold d.  eps1 is given: its default, the
+    # machine epsilon of the param's dtype, is not the same for 16-bit params
+    # and torch.optim's float32 copies of them (tests/test_adafactor.py checks
+    # the default against torch.optim in the same dtype).
+    OptimizerCase("adafactor-eps1", oracles.Adafactor, fastopt.Adafactor, {"lr": 5e-2, "eps": (1e-15, 1e-3)}),
+    OptimizerCase("adafactor-weight_decay-maximize-d", oracles.Adafactor, fastopt.Adafactor,
+                  {"lr": 5e-2, "beta2_decay": -0.5, "eps": (1e-10, 2e-3), "d": 1.5, "weight_decay": 0.0731,
+                   "maximize": True}),
+    OptimizerCase("adafactor-tensor_lr", oracles.Adafactor, fastopt.Adafactor,
+                  {"lr": torch.tensor(8e-2, dtype=torch.float64), "eps": (1e-15, 1e-3)}),
 ]
 
 # Optimizers of 2-D params only (torch.optim.Muon), whose result also carries
@@ -283,6 +295,16 @@ OPTIMIZERS_BY_ID = {case.id: case for case in OPTIMIZERS}
 # exactly (fastopt computes them as torch.optim does) and never rounded to a
 # storage dtype.
 SCALAR_STATE_KEYS = frozenset(key for case in OPTIMIZERS for key in case.fastopt_cls._scalar_states)
+
+
+def state_shape(key: str, param: Tensor) -> tuple[int, ...]:
+    """The shape of ``param``'s state slot ``key``: the param's, but for the
+    factors of Adafactor's second moment (its last dim, or the one before, 1)."""
+    shape = list(param.shape)
+    if key in fastopt.adafactor.FACTORS:
+        shape[fastopt.adafactor.FACTORS[key]] = 1
+    return tuple(shape)
+
 
 
 
@@ -518,7 +540,7 @@ def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list
 
 
 __all__ = [
-    "OptimizerCase", "OPTIMIZERS", "MATRIX_OPTIMIZERS", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase",
+    "OptimizerCase", "OPTIMIZERS", "MATRIX_OPTIMIZERS", "state_shape", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase",
     "SHAPES",
     "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
     "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",

@@ -114,6 +114,10 @@ CONFIGS = {
         dict(lr=0.5, momentum=0.8, trust_coefficient=0.02, weight_decay=0.05, nesterov=True, exclude_1d=True,
              maximize=True),
     ],
+    "Adafactor": [
+        dict(lr=1e-2),
+        dict(lr=1e-2, beta2_decay=-0.5, eps=(1e-30, 1e-3), d=1.5, weight_decay=0.05, maximize=True),
+    ],
 }
 CASES = [
     pytest.param((name, kw), id=f"{name}-{i}")
@@ -328,6 +332,10 @@ INVALID = {
     "LARS": [
         dict(lr=-0.1), dict(momentum=-0.1), dict(weight_decay=-0.1), dict(trust_coefficient=-1.0),
         dict(eps=-1e-8), dict(nesterov=True, momentum=0.0), dict(lr=torch.tensor([0.1, 0.2])),
+    ],
+    "Adafactor": [
+        dict(lr=-1e-3), dict(beta2_decay=0.5), dict(eps=(-1e-30, 1e-3)), dict(eps=(None, -1.0)), dict(d=0.5),
+        dict(weight_decay=-0.1), dict(lr=torch.tensor([0.1, 0.2])),
     ],
 }
 _TENSOR_BETAS_FOREACH = "Adam tensor betas with foreach=True"

@@ -251,7 +251,9 @@ def test_grad_scaler_with_max_grad_norm_matches_torch_recipe(case_id, backend, s
             for b, a in zip(before, after):
                 assert b.keys() == a.keys()
                 assert all(torch.equal(a[key], b[key]) for key in b), "a step with an inf grad changed something"
-            assert not fast.last_grad_norm.isfinite()
+            # An optimizer that takes no grad_scale (Adafactor, as torch.optim's)
+            # is not stepped at all: GradScaler skips its step.
+            assert not fast.last_grad_norm.isfinite() or not fast._step_supports_amp_scaling
         else:
             torch.testing.assert_close(fast.last_grad_norm, torch_norm, rtol=1e-6, atol=0)
         assert fast._scaler_grad_sq_sums is None

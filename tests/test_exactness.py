@@ -268,7 +268,9 @@ def _run_all_fused(params, grads) -> dict[str, list[torch.Tensor]]:
                 p.grad = g
             optimizer.step()
         entries = snapshot(optimizer, run_params)
-        results[case.id] = {key: torch.cat([entry[key].reshape(-1) for entry in entries]) for key in entries[0]}
+        keys = dict.fromkeys(key for entry in entries for key in entry)  # Adafactor's differ by param
+        results[case.id] = {key: torch.cat([entry[key].reshape(-1) for entry in entries if key in entry])
+                            for key in keys}
     return results
 
 

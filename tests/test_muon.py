@@ -334,6 +334,22 @@ def test_a_bad_grad_in_a_later_bucket_changes_nothing(backend):
     assert_bit_identical(snapshot(optimizer, params), before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_bumps_version_counters_like_torch(backend):
+    """A graph that saved a param before the step refuses backward after it,
+    as with torch.optim.Muon (the list ops Muon calls from Python do not bump
+    the counters themselves: its step does)."""
+    if backend == "fused" and not COMPILED:
+        pytest.skip("fastopt._C is not loaded")
+    params = make_params(MIXED, torch.float32, PARAM_SEED)
+    optimizer = fastopt.Muon(params, backend=backend)
+    GradientFeed(GRAD_SEED).set_grads(params)
+    loss = sum((p * p).sum() for p in params)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_dtensor_params_raise_not_implemented():
     """The iteration needs each whole matrix: a shard's step cannot run it."""
     from torch.distributed.tensor import Replicate, distribute_tensor

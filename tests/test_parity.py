@@ -58,6 +58,7 @@ from registry import (
     DTYPE_NAMES,
     OPTIMIZERS,
     OPTIMIZERS_BY_ID,
+    state_shape,
     SCALAR_STATE_KEYS,
     SHAPES,
     SHAPES_BY_ID,
@@ -142,7 +143,7 @@ def fastopt_run(case_id: str, shape_id: str, dtype: torch.dtype, backend: str) -
             if key in SCALAR_STATE_KEYS:
                 assert value.dtype == torch.float32 and value.dim() == 0, key
             else:
-                assert value.dtype == dtype and value.shape == p.shape, key
+                assert value.dtype == dtype and value.shape == state_shape(key, p), key
     return record(optimizer, params, start_rms)
 
 

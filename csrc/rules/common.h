@@ -56,5 +56,24 @@ FASTOPT_HOST_DEVICE inline void count_step(const double* before, double* after) 
   after[0] = before[0] + 1.0;
 }
 
+// One weight of torch.lerp, with the branch of its formula chosen once.
+template <typename T>
+struct LerpWeight {
+  T weight, one_minus_weight;
+  bool small;  // |weight| < 0.5: interpolate from the start, else from the end
+
+  FASTOPT_HOST_DEVICE static LerpWeight of(double w) {
+    const T weight = T(w);
+    return {weight, T(1) - weight, weight < T(0.5) && weight > T(-0.5)};
+  }
+};
+
+// torch.lerp(start, end, weight) as ATen computes it (Lerp.h): from the
+// nearer end, so that weight 1 gives `end` exactly.
+template <typename T>
+FASTOPT_HOST_DEVICE inline T lerp(T start, T end, const LerpWeight<T>& w) {
+  return w.small ? start + w.weight * (end - start) : end - (end - start) * w.one_minus_weight;
+}
+
 }  // namespace rules
 }  // namespace fastopt

@@ -358,6 +358,11 @@ std::vector<Variant> variants() {
     out.push_back(optimizer_variant<rules::MuonMomentumOptimizer>({0.0, 0.95, nesterov}));
   }
   out.push_back(optimizer_variant<rules::MuonUpdateOptimizer>({lr, 0.1, 1.5}));
+  // Adafactor: a vector's variance, or a matrix's estimate (read only); the
+  // sums of its reduction phase include the count of elements.
+  for (bool factored : {false, true}) {
+    out.push_back(optimizer_variant<rules::AdafactorOptimizer>({lr, -0.8, 1e-3, 1e-3, 1.0, 0.1, factored}));
+  }
   for (int slots = 0; slots <= kMaxSlots; ++slots) {
     Variant v;
     v.name = concat("roofline slots=", slots);
