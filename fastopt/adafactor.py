@@ -9,18 +9,23 @@ A param of two or more dims keeps its second moment as two factors,
 second-to-last dim 1); a vector (or 0-dim) param keeps a full ``variance``.
 A step per bucket of params (one device and dtype, matrices and vectors
 apart):
-  1. matrices only: per param, torch.optim.Adafactor's factor update with
-     torch's reductions: the row and column means of g*g lerped into the
-     factors, then the estimate ``row_var @ col_var / mean(row_var)`` (a
-     temporary shaped like the param, as torch.optim builds it);
+  1. matrices only: per param, g * g into a buffer of the param's size and
+     its row and column means (two contiguous reductions, in opmath), the
+     factors lerped towards them, and the estimate
+     ``row_var @ col_var / mean(row_var)`` over the same buffer (torch.optim
+     builds such a temporary too);
   2. ``adafactor_``: one fused op over the bucket: its reduction phase
      takes ||p|| and ||u|| of each param, u = g / sqrt(max(v, eps1^2)) with
      v the estimate (matrices) or the lerped variance (vectors), and its
      update pass scales and applies u (weight decay, master copies and
-     stochastic rounding included).
+     stochastic rounding included);
+  3. matrices only: the lerped factors stored (computed again, from the
+     step count the op advanced: see ``_run``).
 The row and column sums of step 1 are torch's reductions, not yet a phase of
 the drivers: the fused op saves the element-wise passes and the norms, which
-torch.optim runs as ~8 kernels and two host reads per param.
+torch.optim runs as ~8 kernels and two host reads per param, and the
+reductions run over g * g in memory order, where torch.optim's norm over the
+columns strides through g.
 """
 from __future__ import annotations
 
@@ -73,7 +78,6 @@ class Adafactor(FusedOptimizer):
     _sparse_grad_error = "Adafactor does not support sparse gradients"
     _step_supports_amp_scaling = False  # as torch.optim.Adafactor
     _norms_per_param = True
-    _bound_in_python = True
 
     def __init__(self, params, lr: float | Tensor = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0, *,
@@ -123,7 +127,7 @@ class Adafactor(FusedOptimizer):
         return tuple(FACTORS) if _factored(param) else self._op_slots
 
     def _bucket_kind(self, group: dict[str, Any], param: Tensor) -> bool:
-        return _factored(param)
+        return _factored(param)  # True: a bucket of matrices
 
     def _init_slots(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         if not _factored(param):
@@ -184,53 +188,81 @@ class Adafactor(FusedOptimizer):
         return {"beta2_decay": group["beta2_decay"], "eps2": group["eps"][1], "d": group["d"],
                 "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
 
+    def _binds_in_python(self, kind: bool) -> bool:
+        return kind  # matrices: step 1 runs before their op; vectors: one bound op
+
     def _run(self, group: dict[str, Any], bucket: _Bucket, step_args: dict[str, Any]) -> None:
+        eps1 = group["eps"][0]
+        if eps1 is None:
+            eps1 = torch.finfo(bucket.dtype).eps
+        hyper = {"eps1": eps1, "factored": bucket.kind, **self._hyper(group)}
+        if not bucket.kind:
+            bucket.kernels.adafactor_bound_(bucket.bound, **step_args, **hyper)
+            return
         bound = bucket.bound  # a reference.BoundTensors over the bucket's list ops
         tensors = bound.step_tensors()
         if tensors is None:
             return
-        # The factors change before the op: its tensors are checked first.
+        # The factors change around the op: its tensors are checked first.
         bound.check()
-        params, grads, (variances,), (steps,), masters, state_scales = tensors
-        eps1 = group["eps"][0]
-        if eps1 is None:
-            eps1 = torch.finfo(bucket.dtype).eps
-        factored = bucket.kind
-        if factored:
-            variances = [self._estimate(p, g, step, group["beta2_decay"], eps1, step_args)
-                         for p, g, step in zip(params, grads, steps)]
-        scales = {"state_scales": state_scales} if state_scales else {}
-        bound.ops.adafactor_(params, grads, variances, steps, eps1=eps1, factored=factored,
-                             master_params=masters, **scales, **step_args, **self._hyper(group))
+        params, grads, _, (steps,), masters, _ = tensors
+        beta2_decay = group["beta2_decay"]
+        squares = [self._grad_squares(p, g, step_args) for p, g in zip(params, grads)]
+        means = [self._means(square) for square in squares]
+        estimates = [self._estimate(square, self._advanced_factors(p, step + 1, mean, beta2_decay), eps1)
+                     for p, square, step, mean in zip(params, squares, steps, means)]
+        bound.ops.adafactor_(params, grads, estimates, steps, master_params=masters, **step_args, **hyper)
+        # Stored after the op, from the step count it advanced (the estimates'
+        # factors took step + 1, the same number): torch.compile's Inductor
+        # (torch 2.13) computes what a step stores from its inputs as they are
+        # after the op, which counts in place.
+        for p, step, mean in zip(params, steps, means):
+            for name, factor in self._advanced_factors(p, step, mean, beta2_decay).items():
+                self.state[p][name].copy_(factor)
 
-    # Eager under torch.compile (a graph break): Inductor (torch 2.13) stores the
-    # factors it computes here from the step count after the op's increment.
-    @torch.compiler.disable
-    def _estimate(self, param: Tensor, grad: Tensor, step: Tensor, beta2_decay: float, eps1: float,
-                  step_args: dict[str, Any]) -> Tensor:
-        """Step 1 of Note [Adafactor's passes] for one matrix: its factors
-        advanced, and the estimate of its second moment.  Computed in opmath
-        (float32 for 16-bit params) and the factors rounded on store, as the
-        kernels do; the estimate, a temporary, stays in opmath.  No
-        ``found_inf`` can skip the step: without ``_step_supports_amp_scaling``
-        GradScaler skips the whole call, and the clip sets ``grad_scale`` only."""
-        state = self.state[param]
+    # -- step 1 of Note [Adafactor's passes], for one matrix -------------------------
+    # In opmath (float32 for 16-bit params), the factors rounded only on store,
+    # as the kernels compute.  No ``found_inf`` can skip the step: without
+    # ``_step_supports_amp_scaling`` GradScaler skips the whole call, and the
+    # clip sets ``grad_scale`` only.
+
+    @staticmethod
+    def _grad_squares(param: Tensor, grad: Tensor, step_args: dict[str, Any]) -> Tensor:
+        """g * g (unscaled by max_grad_norm's coefficient) in a new buffer laid
+        out as the op's slots (like the param), which later holds the estimate."""
         opmath = torch.float64 if param.dtype == torch.float64 else torch.float32
-        if param.numel() == 0:  # no means to take (torch.optim divides by zero)
-            return torch.empty_like(param, dtype=opmath)
-        if step_args["grad_scale"] is not None:  # max_grad_norm's coefficient
-            grad = grad.to(opmath) / step_args["grad_scale"]
-        weight = ((step.double() + 1) ** beta2_decay).to(opmath)  # the op counts the step
-        factors = []
-        for name, dim in FACTORS.items():
-            # (g * g).mean(dim) as torch.optim takes it, without a g-sized temporary
-            mean = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=opmath).square_().div_(grad.size(dim))
-            factor = state[name]
-            advanced = factor.to(opmath).lerp(mean, weight)
-            factor.copy_(advanced)
-            factors.append(advanced)  # before the rounding on store, as the kernels' slots
-        row_var, col_var = factors
-        # row_var @ col_var as torch.optim takes it (one product per element), laid
-        # out as the op's slots: like the param.
-        estimate = torch.mul(row_var, col_var, out=torch.empty_like(param, dtype=opmath))
+        square = torch.empty_like(param, dtype=opmath)
+        if grad.dtype == opmath and step_args["grad_scale"] is None:
+            return torch.mul(grad, grad, out=square)
+        square.copy_(grad)
+        if step_args["grad_scale"] is not None:
+            square.div_(step_args["grad_scale"])
+        return square.mul_(square)
+
+    @staticmethod
+    def _means(square: Tensor) -> tuple[Tensor, ...] | None:
+        """The row and column means of g * g, by two reductions of ``square``
+        (torch.optim's norm over the columns strides through g), or None for a
+        matrix without elements (torch.optim divides by zero)."""
+        if square.numel() == 0:
+            return None
+        return tuple(square.sum(dim=dim, keepdim=True).div_(square.size(dim)) for dim in FACTORS.values())
+
+    def _advanced_factors(self, param: Tensor, count: Tensor, means: tuple[Tensor, ...] | None,
+                          beta2_decay: float) -> dict[str, Tensor]:
+        """The factors lerped towards ``means`` by ``count^beta2_decay``
+        (``count``: the step being taken), unrounded; as they are without means."""
+        opmath = torch.float64 if param.dtype == torch.float64 else torch.float32
+        factors = {name: self.state[param][name].to(opmath) for name in FACTORS}
+        if means is None:
+            return factors
+        weight = (count.double() ** beta2_decay).to(opmath)
+        return {name: factor.lerp(mean, weight) for (name, factor), mean in zip(factors.items(), means)}
+
+    @staticmethod
+    def _estimate(square: Tensor, factors: dict[str, Tensor], eps1: float) -> Tensor:
+        """``row_var @ col_var / mean(row_var)`` (one product per element, as
+        torch.optim's matmul) written over ``square``."""
+        row_var, col_var = factors["row_var"], factors["col_var"]
+        estimate = torch.mul(row_var, col_var, out=square)
         return estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))

@@ -438,6 +438,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``_step_args``)."""
         getattr(bucket.kernels, f"{self._op}_bound_")(bucket.bound, **step_args, **self._hyper(group))
 
+    def _binds_in_python(self, kind: Any) -> bool:
+        """Whether buckets of ``kind`` bind their lists in Python: all where
+        ``_bound_in_python`` (Muon); Adafactor's matrices only."""
+        return self._bound_in_python
+
     def _bucket_kind(self, group: dict[str, Any], param: Tensor) -> Any:
         """Params of different kinds go to different buckets (op calls), which
         ``_run`` can call with different hyperparameters (``bucket.kind``)."""
@@ -765,7 +770,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for group, bucket in runs:
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
                 ran_any = True
-                if self._bound_in_python:
+                if self._binds_in_python(bucket.kind):
                     # As torch.optim's in-place ops (and the bound ops, csrc/bound_ops.cpp),
                     # which the list ops its _run calls do not.
                     torch.autograd.graph.increment_version([p for p in bucket.bound.params if p.grad is not None])
@@ -934,7 +939,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif sharded:
                 bound = _LocalShards(bucket_kernels, params, slots, scalar_states, masters)
                 buckets.append(_Bucket(reference, device, dtype, fresh, bound, kind=kind))
-            elif self._bound_in_python:
+            elif self._binds_in_python(kind):
                 bound = reference.BoundTensors(params, slots, scalar_states, masters, scales, ops=bucket_kernels)
                 buckets.append(_Bucket(reference, device, dtype, fresh, bound, kind=kind))
             else:
