@@ -172,8 +172,8 @@ class Adafactor(FusedOptimizer):
     # -- the step ------------------------------------------------------------------
     def _check_groups(self) -> None:
         """torch.optim.Adafactor's check in its step, and the factors of the
-        params to step: step 1 of Note [Adafactor's passes] changes them before
-        any op checks its tensors."""
+        params to step, which no op checks: step 1 of Note [Adafactor's
+        passes] reads them, step 3 writes them after the op."""
         for g, group in enumerate(self.param_groups):
             if any(p.is_complex() for p in group["params"]):
                 raise RuntimeError("Adafactor does not support complex parameters")
@@ -203,7 +203,7 @@ class Adafactor(FusedOptimizer):
         tensors = bound.step_tensors()
         if tensors is None:
             return
-        # The factors change around the op: its tensors are checked first.
+        # Step 1 reads the grads before the op would check them.
         bound.check()
         params, grads, _, (steps,), masters, _ = tensors
         beta2_decay = group["beta2_decay"]
