@@ -346,7 +346,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``_bucket_kind`` where some params take other hyperparameters (LARS's
     excluded 1-D params), ``_norms_per_param`` where its rule takes norms of
     whole params (no DTensor shards), ``_bound_in_python`` where its ``_run``
-    calls several ops with Python between them (Muon, Adafactor),
+    calls several ops with Python between them (Muon; ``_binds_in_python``
+    where only some kinds of bucket do: Adafactor's matrices),
     ``_param_slot_names`` where a kind of param keeps other state
     (Adafactor's factored matrices) and ``_check_groups`` for torch.optim's
     checks in its step.

@@ -1006,7 +1006,7 @@ def _lerp(start: Tensor, end: Tensor, weight: float, opmath: torch.dtype) -> Ten
 def muon_momentum_(params, grads, momentum_buffers, *, lr, momentum, nesterov, maximize, lr_tensor=None,
                    grad_scale=None, found_inf=None, master_params=(), rounding_seed=None,
                    state_scales=()) -> None:
-    """Muon's momentum (csrc/rules/common.h), lr unused; ``params`` are
+    """Muon's momentum (csrc/rules/muon_momentum.h), lr unused; ``params`` are
     the buffers that receive the update to orthogonalize::
 
         g = -g if maximize;  b = lerp(b, g, 1 - momentum)
