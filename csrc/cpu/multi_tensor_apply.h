@@ -130,6 +130,8 @@ struct Task {
   std::vector<int64_t> offsets;
   std::vector<typename Rule::template Scalars<opmath_t>> scalars;
   ElementOptions<opmath_t> options;
+  // Each tensor's sums after the reduction phase (empty before it).
+  std::vector<std::array<double, rules::num_sums<Rule>()>> sums;
 };
 
 inline c10::BFloat16 round_stochastically(float value, uint32_t seed, uint32_t tensor,
@@ -397,13 +399,16 @@ void reduce(Task<Rule, Store>& task, Isa isa) {
       const auto& tensor = task.tensors[t];
       const int64_t begin = (chunk - first_chunk[t]) * rules::kSumChunkElements;
       const int64_t end = std::min(tensor.numel, begin + rules::kSumChunkElements);
-      chunk_sums[chunk] = sum_chunk<Rule, Store>(tensor, task.options, task.scalars[tensor.scalars_index],
-                                                 begin, end, isa);
+      const auto& scalars = task.scalars[tensor.scalars_index];
+      if (rules::reduces<Rule>(scalars)) {
+        chunk_sums[chunk] = sum_chunk<Rule, Store>(tensor, task.options, scalars, begin, end, isa);
+      }
     }
   });
   std::vector<typename Rule::template Scalars<typename Store::opmath_t>> scalars(n);
+  task.sums.assign(n, Sums{});
   for (size_t t = 0; t < n; ++t) {
-    Sums sums{};
+    Sums& sums = task.sums[t];
     for (int64_t chunk = first_chunk[t]; chunk < first_chunk[t + 1]; ++chunk) {
       for (size_t r = 0; r < sums.size(); ++r) sums[r] += chunk_sums[chunk][r];
     }

@@ -266,6 +266,15 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
       task.scalars.push_back(Rule::template scalars<opmath_t>(hyper, before[start].data(), after[start].data()));
     }
     run(task);
+    if constexpr (rules::first_sum_state<Rule>() >= 0) {
+      // Tensors without elements have no reduction phase: their sums are 0.
+      for (size_t i = 0; i < n; ++i) {
+        for (int r = 0; r < rules::num_sums<Rule>(); ++r) {
+          write_scalar_state(scalar_states[rules::first_sum_state<Rule>() + r].tensors[i],
+                             task.sums.empty() ? 0.0 : task.sums[i][r]);
+        }
+      }
+    }
   });
   for (auto& wb : layout.write_backs) wb.original.copy_(wb.staged);
 }

@@ -57,10 +57,10 @@ constexpr int kMaxKernelArgBytes = 32764;
 constexpr int kMaxKernelArgBytes = 4096;
 #endif
 
-// Per-tensor argument bytes (pointers, size, flags, chunk index): 76 with
-// four slots and scalar states together (Adam amsgrad: 3 + 1; NAdam: 2 + 2;
-// ASGD: 1 + 3); launch_group's static_assert checks every rule fits.
-constexpr int kBytesPerTensor = 80;
+// Per-tensor argument bytes (pointers, size, flags, chunk index): 108 with
+// eight slots and scalar states together (SWATS: 2 + 6; Adam amsgrad: 3 + 1);
+// launch_group's static_assert checks every rule fits.
+constexpr int kBytesPerTensor = 108;
 // Leaves room for the hyperparameters and flags of the largest rule.
 constexpr int kMaxTensorsPerLaunch = (kMaxKernelArgBytes - 256) / kBytesPerTensor;
 // With 8-bit state a tensor also passes its slots' scale pointers.
@@ -163,6 +163,9 @@ struct ScalarStateArgs {
   typename Rule::Hyper hyper;
   const double* lr;
   const float* found_inf;
+  // A rule that stores its sums (rules::first_sum_state): each tensor's, or
+  // null where the launch had no elements (its sums are 0).
+  const double* sums;
 };
 
 // The tensor's scalar states before this step and after it.
@@ -184,6 +187,11 @@ __global__ void advance_scalar_states_kernel(const ScalarStateArgs<Rule> __grid_
   if (args.lr != nullptr) hyper.lr = *args.lr;
   double before[Rule::kNumScalarStates], after[Rule::kNumScalarStates];
   advance_scalar_states<Rule>(hyper, args.states[i], before, after);
+  if constexpr (rules::first_sum_state<Rule>() >= 0) {
+    for (int r = 0; r < rules::num_sums<Rule>(); ++r) {
+      after[rules::first_sum_state<Rule>() + r] = args.sums != nullptr ? args.sums[i * rules::num_sums<Rule>() + r] : 0.0;
+    }
+  }
 #pragma unroll
   for (int c = 0; c < Rule::kNumScalarStates; ++c) *args.states[i][c] = float(after[c]);
 }
@@ -342,7 +350,8 @@ __global__ void __launch_bounds__(rules::kSumLanes)
   double lane[kSums];
 #pragma unroll
   for (int r = 0; r < kSums; ++r) lane[r] = 0.0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += rules::kSumLanes) {
+  const int64_t reduced_end = rules::reduces<Rule>(scalars) ? end : begin;
+  for (int64_t i = begin + threadIdx.x; i < reduced_end; i += rules::kSumLanes) {
     const opmath_t p = Store::kMaster ? opmath_t(t.master[i]) : load_as<opmath_t>(t.param[i]);
     const opmath_t g = load_as<opmath_t>(t.grad[i]) / grad_scale * grad_sign;
     opmath_t slot[kSlots];
@@ -518,6 +527,7 @@ void launch_group(const StepLaunch& launch, const typename Rule::Hyper& hyper, i
     states.hyper = hyper;
     states.lr = launch.lr;
     states.found_inf = launch.found_inf;
+    states.sums = chunks > 0 ? args.sums : nullptr;
     for (int64_t i = begin; i < end; ++i) {
       for (int c = 0; c < Rule::kNumScalarStates; ++c) {
         states.states[i - begin][c] = launch.tensors[i].scalar_state[c];

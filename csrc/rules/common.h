@@ -17,9 +17,10 @@ namespace fastopt {
 // exp_avg_sq, max_exp_avg_sq); drivers size their per-tensor records by it.
 constexpr int kMaxSlots = 3;
 
-// Most per-tensor scalar states an optimizer keeps per param (ASGD: step,
-// eta, mu); drivers size their per-tensor records by it.
-constexpr int kMaxScalarStates = 3;
+// Most per-tensor scalar states an optimizer keeps per param (SWATS: step,
+// its group's switch, learned step and average, its two sums); drivers size
+// their per-tensor records by it.
+constexpr int kMaxScalarStates = 6;
 
 // Smallest number of elements worth handing to another CPU thread: below
 // about 16K elements (~450 KB of Adam streams) waking a pool thread costs more

@@ -26,6 +26,13 @@
 // keeps kSumLanes accumulators per chunk in a vectorized loop.
 // fastopt/reference.py (ordered_sum) adds in the same order, so the sums of
 // the reference are the kernels' to the bit.
+//
+// Two optional declarations: `reduces(scalars)`, false where a tensor's
+// sums are not wanted this step (its chunks are not read and its sums are
+// 0: SWATS after its switch); and `kSumStates`, the first of kNumSums
+// scalar states the drivers store each tensor's sums into (as float32,
+// after the reduction phase, in sum order), for a rule whose sums are
+// needed beyond the tensor (SWATS's per-group projection).
 #pragma once
 
 #include <cstdint>
@@ -47,6 +54,27 @@ FASTOPT_HOST_DEVICE constexpr int num_sums() {
     return Rule::kNumSums;
   } else {
     return 0;
+  }
+}
+
+// Whether a tensor with these scalars takes its reduction phase this step.
+template <class Rule, class Scalars>
+FASTOPT_HOST_DEVICE bool reduces(const Scalars& scalars) {
+  if constexpr (requires { Rule::reduces(scalars); }) {
+    return Rule::reduces(scalars);
+  } else {
+    return true;
+  }
+}
+
+// The scalar state the rule stores its first sum into (-1: none).
+template <class Rule>
+FASTOPT_HOST_DEVICE constexpr int first_sum_state() {
+  if constexpr (requires { Rule::kSumStates; }) {
+    static_assert(Rule::kSumStates + num_sums<Rule>() <= Rule::kNumScalarStates);
+    return Rule::kSumStates;
+  } else {
+    return -1;
   }
 }
 
