@@ -44,6 +44,7 @@
 #include "rules/rmsprop.h"
 #include "rules/rprop.h"
 #include "rules/sgd.h"
+#include "rules/swats.h"
 
 #define FASTOPT_OPTIMIZERS(X) \
   X(adam, AdamOptimizer)      \
@@ -66,7 +67,8 @@
   X(lars, LarsOptimizer)           \
   X(muon_momentum, MuonMomentumOptimizer) \
   X(muon_update, MuonUpdateOptimizer) \
-  X(adafactor, AdafactorOptimizer)
+  X(adafactor, AdafactorOptimizer) \
+  X(swats, SwatsOptimizer)
 
 namespace fastopt {
 

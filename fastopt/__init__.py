@@ -4,8 +4,8 @@
 Adadelta, ASGD, Rprop, Muon, Adafactor`` take the arguments of their torch.optim namesakes
 and keep the same state, so ``state_dict`` moves both ways.
 ``fastopt.Lion``, ``ADOPT``, ``AdaBound``, ``QHAdam``, ``AggMo`` and the
-large-batch ``LAMB`` and ``LARS`` (which torch.optim lacks) follow the same
-conventions; ``fastopt.Lookahead`` wraps any
+large-batch ``LAMB`` and ``LARS`` and ``SWATS`` (which torch.optim lacks)
+follow the same conventions; ``fastopt.Lookahead`` wraps any
 optimizer.  ``fastopt.backends()`` reports which compiled kernels are loaded.
 ``fastopt.GradScaler`` is torch.amp.GradScaler with one pass over the grads
 before a step with ``max_grad_norm``.
@@ -37,10 +37,11 @@ from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
 from .sgd import SGD
+from .swats import SWATS
 
 __version__ = "0.1.0"
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD",
-           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "Muon", "Adafactor",
+           "Rprop", "Lion", "ADOPT", "AdaBound", "QHAdam", "AggMo", "LAMB", "LARS", "SWATS", "Muon", "Adafactor",
            "Lookahead", "GradScaler",
            "lr_range_test", "LRRangeResult", "dequantize_state_dict",
            "backends", "__version__"]

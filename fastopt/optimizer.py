@@ -349,8 +349,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     calls several ops with Python between them (Muon; ``_binds_in_python``
     where only some kinds of bucket do: Adafactor's matrices),
     ``_param_slot_names`` where a kind of param keeps other state
-    (Adafactor's factored matrices) and ``_check_groups`` for torch.optim's
-    checks in its step.
+    (Adafactor's factored matrices), ``_check_groups`` for torch.optim's
+    checks in its step and ``_finish_group`` for work on a whole group after
+    its ops (SWATS's switch).
 
     ``max_grad_norm`` (keyword-only in every optimizer; None: off, the
     default but for LAMB's 1.0, Apex's) clips as
@@ -438,6 +439,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         hyperparameters and ``**step_args`` (lr and the per-step tensors, see
         ``_step_args``)."""
         getattr(bucket.kernels, f"{self._op}_bound_")(bucket.bound, **step_args, **self._hyper(group))
+
+    def _finish_group(self, group: dict[str, Any], found_inf: Tensor | None) -> None:
+        """Runs after the ops of ``group``'s buckets in a step: the per-group
+        work of an optimizer whose decisions span the group (SWATS's switch).
+        ``found_inf``: the step's AMP / clip flag (nonzero: the ops changed nothing)."""
 
     def _binds_in_python(self, kind: Any) -> bool:
         """Whether buckets of ``kind`` bind their lists in Python: all where
@@ -737,6 +743,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                ops=_extension.kernels_for(self._backend, device))
                 bucket = _Bucket(reference, device, dtype, fresh, bound, kind=kind)
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf, traced=True))
+            if lists:
+                self._finish_group(group, found_inf)
         if grad_norm is not None:
             self._step_record["last_grad_norm"] = grad_norm
 
@@ -768,13 +776,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # tensors before changing anything; the others' are checked now.
                 for _, bucket in runs[1:]:
                     bucket.bound.check()
-            for group, bucket in runs:
-                self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
-                ran_any = True
-                if self._binds_in_python(bucket.kind):
-                    # As torch.optim's in-place ops (and the bound ops, csrc/bound_ops.cpp),
-                    # which the list ops its _run calls do not.
-                    torch.autograd.graph.increment_version([p for p in bucket.bound.params if p.grad is not None])
+            for group, plan in zip(self.param_groups, plans):
+                for bucket in plan.buckets:
+                    self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf))
+                    ran_any = True
+                    if self._binds_in_python(bucket.kind):
+                        # As torch.optim's in-place ops (and the bound ops, csrc/bound_ops.cpp),
+                        # which the list ops its _run calls do not.
+                        torch.autograd.graph.increment_version(
+                            [p for p in bucket.bound.params if p.grad is not None])
+                if plan.buckets:
+                    self._finish_group(group, found_inf)
             if grad_norm is not None:
                 self._step_record["last_grad_norm"] = grad_norm
         except Exception as error:

@@ -25,7 +25,7 @@ from torch import Tensor
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
     "lion_", "adopt_", "lamb_", "lars_", "muon_momentum_", "muon_update_", "adafactor_",
-    "grad_sq_norm",
+    "swats_", "grad_sq_norm",
     "BoundTensors", "tensor_problem", "is_dense", "ordered_sum", "grad_sq_norm_bound_",
     "quantize_blocks", "dequantize_blocks", "num_quantization_blocks", "QUANTIZATION_BLOCK",
 ]
@@ -1083,6 +1083,55 @@ def adafactor_(params, grads, variances, state_steps, *, lr, beta2_decay, eps1, 
         alpha = (param_rms if param_rms > eps2 else eps2) * rho
         p.mul_(decay_factor).add_(update * -(alpha / (clip_ratio if clip_ratio > 1.0 else 1.0)))
         st.store_param(i, param, p)
+
+
+@torch.no_grad()
+def swats_(params, grads, exp_avgs, exp_avg_sqs, state_steps, switched, sgd_lrs, lr_avgs, update_sqs,
+           update_dot_grads, *, lr, beta1, beta2, eps, weight_decay, maximize, lr_tensor=None, grad_scale=None,
+           found_inf=None, master_params=(), rounding_seed=None, state_scales=()) -> None:
+    """SWATS's element-wise pass (csrc/rules/swats.h); the group's switch
+    (fastopt/swats.py) reads the sums it stores::
+
+        g = -g if maximize;  t += 1;  g += wd*p
+        Adam phase (switched == 0):
+            m = lerp(m, g, 1 - beta1);  a = beta2*a + (1 - beta2)*g*g
+            u = m / (sqrt(a) + eps) * -(lr * sqrt(1 - beta2^t) / (1 - beta1^t));  p += u
+            update_sq = sum(u*u);  update_dot_grad = sum(u*g)
+        SGD phase: m = g (t == switched) or beta1*m + g;  p += -sgd_lr * ((1 - beta1) * m)
+            update_sq = update_dot_grad = 0
+    """
+    st = _Step("swats_", params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+               {"state_steps": state_steps, "switched": switched, "sgd_lrs": sgd_lrs, "lr_avgs": lr_avgs,
+                "update_sqs": update_sqs, "update_dot_grads": update_dot_grads},
+               lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+               master_params=master_params, rounding_seed=rounding_seed,
+               state_scales=state_scales)
+    if st.skip:
+        return
+    for i, param in enumerate(params):
+        step = _increment(state_steps[i])
+        p, exp_avg, exp_avg_sq = st.param(i, param), st.load(exp_avgs[i]), st.load(exp_avg_sqs[i])
+        g = st.grad(grads[i], maximize)
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        sq_sum = dot_sum = 0.0
+        switch_step = switched[i].item()
+        if switch_step != 0:
+            exp_avg = g.clone() if step == switch_step else exp_avg * beta1 + g
+            p.add_((exp_avg * (1 - beta1)) * -sgd_lrs[i].item())
+        else:
+            exp_avg = _lerp(exp_avg, g, 1 - beta1, st.opmath)
+            exp_avg_sq = exp_avg_sq * beta2 + (g * g) * (1 - beta2)
+            update = exp_avg / (exp_avg_sq.sqrt() + eps) * -(st.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step))
+            p.add_(update)
+            streams = (grads[i], exp_avgs[i], exp_avg_sqs[i], *master_params[i:i + 1])
+            sq_sum = ordered_sum(_walk_order(update.double().square(), param, streams))
+            dot_sum = ordered_sum(_walk_order(update.double() * g.double(), param, streams))
+        update_sqs[i].fill_(sq_sum)
+        update_dot_grads[i].fill_(dot_sum)
+        st.store_param(i, param, p)
+        st.store(exp_avgs[i], exp_avg)
+        st.store(exp_avg_sqs[i], exp_avg_sq)
 
 
 @torch.no_grad()

@@ -434,3 +434,98 @@ class Adafactor(torch.optim.Adafactor):
                     state["variance"] = torch.zeros_like(p)
             state["step"] += 1
         return loss
+
+
+class SWATS(torch.optim.Optimizer):
+    """SWATS from the paper (Keskar & Socher 2017, Algorithm 1), one switch per
+    param group: Adam (``p += u``) until ``|sgd_lr - gamma| < eps``, where
+    ``gamma = u.u / -(u.g)`` is the projection of the group's whole Adam step
+    on its gradient and ``sgd_lr = lr_avg / (1 - beta2^t)`` the bias-corrected
+    running average of it; then SGD with momentum ``v = beta1 * v + g`` from 0
+    and ``p -= sgd_lr * (1 - beta1) * v``.  ``g`` includes the L2 decay.  The
+    state is fastopt.SWATS's (the group's values in every param's state), the
+    sums added in the order of fastopt's kernels (row-major, ordered_sum) as
+    _norm does.  pytorch-optimizer's SWATS (tests/test_oracles.py) keeps one
+    running average per param and switches the group on any one param's,
+    with a relative tolerance; with one param per group and before any switch
+    they agree."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0.0, *, maximize=False,
+                 foreach=None, capturable=False, differentiable=False, fused=None):
+        _check_like_adam(lr, betas, weight_decay, eps, foreach=foreach, capturable=capturable, fused=fused)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                                      foreach=foreach, capturable=capturable, differentiable=differentiable,
+                                      fused=fused))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group):
+        lr, (beta1, beta2), eps, wd = _value(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        with_state = [p for p in group["params"] if self.state.get(p)]
+        switched = with_state and self.state[with_state[0]]["switched"].item() != 0
+        update_sq = update_dot_grad = 0.0
+        stepped = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                template = self.state[with_state[0]] if with_state else None
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["switched"] = torch.tensor(1.0 if switched else 0.0)
+                for key in ("sgd_lr", "lr_avg"):
+                    state[key] = template[key].clone() if template else torch.tensor(0.0)
+                state["update_sq"] = torch.tensor(0.0)
+                state["update_dot_grad"] = torch.tensor(0.0)
+            stepped.append(state)
+            grad = -p.grad if group["maximize"] else p.grad
+            param, grad, exp_avg, exp_avg_sq = _real(p, grad, state["exp_avg"], state["exp_avg_sq"])
+            state["step"] += 1
+            step = state["step"].item()
+            if wd != 0:
+                grad = grad + wd * param
+            if state["switched"].item() != 0:
+                if step == state["switched"].item():
+                    exp_avg.copy_(grad)
+                else:
+                    exp_avg.mul_(beta1).add_(grad)
+                param.add_(exp_avg * (1 - beta1) * -state["sgd_lr"].item())
+                state["update_sq"].fill_(0.0)
+                state["update_dot_grad"].fill_(0.0)
+                continue
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).add_(grad * grad * (1 - beta2))
+            update = exp_avg / (exp_avg_sq.sqrt() + eps) * -(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step))
+            param.add_(update)
+            flat_update, flat_grad = update.reshape(-1).double(), grad.reshape(-1).double()
+            state["update_sq"].fill_(ordered_sum(flat_update * flat_update))
+            state["update_dot_grad"].fill_(ordered_sum(flat_update * flat_grad))
+            update_sq += state["update_sq"].item()
+            update_dot_grad += state["update_dot_grad"].item()
+        if not stepped or switched:
+            return
+        first = stepped[0]
+        step, lr_avg = first["step"].item(), first["lr_avg"].item()
+        switch = False
+        if update_dot_grad != 0:
+            gamma = update_sq / -update_dot_grad
+            lr_avg = beta2 * lr_avg + (1 - beta2) * gamma
+            sgd_lr = lr_avg / (1 - beta2**step)
+            switch = step > 1 and abs(sgd_lr - gamma) < eps
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state:
+                state["lr_avg"].fill_(lr_avg)
+                if switch:
+                    state["switched"].fill_(state["step"].item() + 1)
+                    state["sgd_lr"].fill_(sgd_lr)

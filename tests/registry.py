@@ -269,6 +269,17 @@ OPTIMIZERS: list[OptimizerCase] = [
                    "maximize": True}),
     OptimizerCase("adafactor-tensor_lr", oracles.Adafactor, fastopt.Adafactor,
                   {"lr": torch.tensor(8e-2, dtype=torch.float64), "eps": (1e-15, 1e-3)}),
+    # SWATS (oracle: tests/oracles.py, from the paper; checked against
+    # pytorch-optimizer in test_oracles.py): L2 decay, maximize, a tensor lr,
+    # and eps 1.0, whose switch tolerance every group meets at step 2, so
+    # that steps 3 on run the SGD phase (its momentum from 0 at step 3; lr 2,
+    # because eps 1.0 in Adam's denominator makes ~0.03 * lr * g steps, and
+    # the learned SGD step is of their size).
+    OptimizerCase("swats-default", oracles.SWATS, fastopt.SWATS, {"lr": 5e-2}),
+    OptimizerCase("swats-weight_decay-maximize", oracles.SWATS, fastopt.SWATS,
+                  {"lr": 5e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0731, "maximize": True}),
+    OptimizerCase("swats-switches-tensor_lr", oracles.SWATS, fastopt.SWATS,
+                  {"lr": torch.tensor(2.0, dtype=torch.float64), "eps": 1.0, "weight_decay": 0.0517}),
 ]
 
 # Optimizers of 2-D params only (torch.optim.Muon), whose result also carries
@@ -295,6 +306,27 @@ OPTIMIZERS_BY_ID = {case.id: case for case in OPTIMIZERS}
 # exactly (fastopt computes them as torch.optim does) and never rounded to a
 # storage dtype.
 SCALAR_STATE_KEYS = frozenset(key for case in OPTIMIZERS for key in case.fastopt_cls._scalar_states)
+# Scalar states computed from the values of a step (SWATS's sums of its Adam
+# step and their running average, and the learned step taken from it): sums
+# over whole params, equal only within the rounding of their terms, so
+# compared within a tolerance (assert_scalar_state_matches), not bit for bit.
+# The sum of u*g over a param of a few elements can cancel, so an ulp of
+# its terms is more than an ulp of it: never tighter than MEASURED_RTOL.
+MEASURED_STATE_KEYS = frozenset({"update_sq", "update_dot_grad", "lr_avg", "sgd_lr"})
+MEASURED_RTOL = 1e-4
+
+
+def assert_scalar_state_matches(key: str, actual: Tensor, expected: Tensor, rtol: float, what: str = "") -> None:
+    """Scalar states ``key`` of two runs: identical, or for a measured one
+    (MEASURED_STATE_KEYS) within ``max(rtol, MEASURED_RTOL)`` of the largest
+    magnitude among them."""
+    if key not in MEASURED_STATE_KEYS:
+        assert torch.equal(actual, expected), f"{what}{key}: {actual.tolist()} vs {expected.tolist()}"
+        return
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0,
+                               atol=max(rtol, MEASURED_RTOL) * scale,
+                               msg=lambda m: f"{what}{key}: {m}")
 
 
 def state_shape(key: str, param: Tensor) -> tuple[int, ...]:
@@ -540,7 +572,8 @@ def snapshot(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list
 
 
 __all__ = [
-    "OptimizerCase", "OPTIMIZERS", "MATRIX_OPTIMIZERS", "state_shape", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS", "ShapeCase",
+    "OptimizerCase", "OPTIMIZERS", "MATRIX_OPTIMIZERS", "state_shape", "OPTIMIZER_IDS", "OPTIMIZERS_BY_ID", "SCALAR_STATE_KEYS",
+    "MEASURED_STATE_KEYS", "assert_scalar_state_matches", "ShapeCase",
     "SHAPES",
     "SHAPE_IDS", "SHAPES_BY_ID", "FLOAT_DTYPES", "DTYPE_NAMES", "LOW_PRECISION_DTYPES", "LAYOUTS",
     "CPU_MIN_ELEMENTS_PER_THREAD", "make_params", "clone_params", "with_layout", "random_values",

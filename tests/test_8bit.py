@@ -67,6 +67,7 @@ from registry import (
     OPTIMIZERS_BY_ID,
     SCALAR_STATE_KEYS,
     GradientFeed,
+    assert_scalar_state_matches,
     ShapeCase,
     clone_params,
     make_params,
@@ -353,7 +354,7 @@ def assert_follows_float32(case_id, params_8bit, params_fp32, start, opt_8bit, o
                 (values_8bit[key].double() - value.double()).norm(), value.double().norm()]))
         for key in opt_fp32.state[q]:
             if key in SCALAR_STATE_KEYS:
-                assert torch.equal(opt_8bit.state[p][key], opt_fp32.state[q][key]), key
+                assert_scalar_state_matches(key, opt_8bit.state[p][key], opt_fp32.state[q][key], STATE_TOL)
     for key, norms in differences.items():
         difference, norm = torch.stack(norms).pow(2).sum(0).sqrt()
         assert difference <= STATE_TOL * norm, f"{key}: relative error {(difference / norm).item():.4f}"
@@ -387,7 +388,8 @@ def assert_fused_matches_reference(fused, fused_params, ref, ref_params) -> None
             expected = ref_state[key]
             assert value.dtype == expected.dtype and value.shape == expected.shape, f"params[{i}] state[{key!r}]"
             if key in SCALAR_STATE_KEYS:
-                assert torch.equal(value, expected), f"params[{i}] state[{key!r}]"
+                # Measured states: their sums see the elements MAX_ROUNDED_APART lets differ.
+                assert_scalar_state_matches(key, value, expected, 1e-3, f"params[{i}] ")
             elif value.dtype == torch.uint8:
                 values.setdefault(f"{key} (8-bit, dequantized)", []).append(
                     (reference.dequantize_blocks(value, state[f"{key}_scales"]),

@@ -327,7 +327,8 @@ def _scenario_dtensor_grad_placement(rank: int, tmpdir: Path) -> None:
 
 def _scenario_fsdp2_per_param_norms(rank: int, tmpdir: Path) -> None:
     """LAMB, LARS and Adafactor take the norm of each whole param (Adafactor
-    also its row and column means), Muon orthogonalizes each whole matrix,
+    also its row and column means), SWATS sums over its whole group, Muon
+    orthogonalizes each whole matrix,
     which the step of a shard cannot see: given FSDP2's
     DTensor params they raise NotImplementedError naming that limit (never a
     silently local norm), when built and when such params are added to a
@@ -336,7 +337,7 @@ def _scenario_fsdp2_per_param_norms(rank: int, tmpdir: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-    for name in ("LAMB", "LARS", "Muon", "Adafactor"):
+    for name in ("LAMB", "LARS", "Muon", "Adafactor", "SWATS"):
         model = _fsdp2_model(mesh)
         # Muon takes matrices only: the weights, not the biases.
         params = [p for p in model.parameters() if name != "Muon" or p.dim() == 2]

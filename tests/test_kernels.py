@@ -201,12 +201,20 @@ OP_SPECS = {
     "adafactor_": (["params", "grads", "variances", "state_steps"],
                    dict(lr=1e-2, beta2_decay=-0.8, eps1=1e-3, eps2=1e-3, d=1.0, weight_decay=0.01, factored=False,
                         maximize=False)),
+    # In the Adam phase (switched 0): the reduction phase stores its sums.
+    "swats_": (["params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "switched", "sgd_lrs", "lr_avgs",
+                "update_sqs", "update_dot_grads"],
+               dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-9, weight_decay=0.01, maximize=False)),
 }
 # The per-tensor scalar-state lists of the ops (one-element float tensors) and
 # the value each holds in the valid calls: steps after 3 steps, NAdam's
 # mu_product then (~0.45^3), ASGD's eta and mu as a previous step left them
 # (mu < 1: the average moves).
-SCALAR_STATE_VALUES = {"state_steps": 3.0, "mu_products": 0.1, "etas": 0.05, "mus": 0.5}
+SCALAR_STATE_VALUES = {"state_steps": 3.0, "mu_products": 0.1, "etas": 0.05, "mus": 0.5, "switched": 0.0,
+                       "sgd_lrs": 0.0, "lr_avgs": 0.002, "update_sqs": 0.3, "update_dot_grads": -0.2}
+# Scalar states an op reads and keeps (SWATS's group states, which its
+# optimizer changes after the op: Note [SWATS's switch] in fastopt/swats.py).
+CARRIED_STATES = {"switched", "sgd_lrs", "lr_avgs"}
 OP_SHAPES = [(5,), (3, 4), (7,)]  # the bad entry is always the last one, index 2
 KERNELS = {"fused": lambda: torch.ops.fastopt, "reference": lambda: reference}
 
@@ -305,6 +313,8 @@ def test_op_valid_call_mutates(backend, op):
             assert all(torch.equal(t, b) for t, b in zip(tensors, before[name]))
         elif name == "state_steps":
             assert [t.item() for t in tensors] == [4.0] * len(OP_SHAPES)
+        elif name in CARRIED_STATES:
+            assert all(torch.equal(t, b) for t, b in zip(tensors, before[name])), name
         elif name in SCALAR_STATE_VALUES:  # ASGD's eta and mu for the next step
             assert all(t.item() != SCALAR_STATE_VALUES[name] for t in tensors), name
         else:

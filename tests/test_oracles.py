@@ -1,5 +1,5 @@
 """The test oracles of optimizers torch.optim lacks (tests/oracles.py), and
-fastopt.Lion / ADOPT / AdaBound / QHAdam / AggMo / LAMB / LARS themselves, against the PyPI implementations:
+fastopt.Lion / ADOPT / AdaBound / QHAdam / AggMo / LAMB / LARS / SWATS themselves, against the PyPI implementations:
 lion-pytorch's Lion and pytorch-optimizer's ADOPT (both in pyproject's
 ``test`` extra; each test skips when its package is missing), element by
 element.
@@ -268,4 +268,43 @@ def test_lars_matches_pytorch_optimizer(options, implementation):
         lambda ps: IMPLEMENTATIONS[implementation]("LARS", ps, {**options, "eps": 0.0, "exclude_1d": True}),
         lambda ps: pytorch_optimizer.LARS(ps, foreach=False, **options))
     assert_runs_equal(params, package_params, optimizer, package, ("momentum_buffer",), exact=False)
+    assert_moved(params, initial, 0.99)
+
+
+SWATS_OPTIONS = [
+    {"lr": 1e-2, "eps": 1e-8},
+    {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0731},
+]
+
+
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("options", SWATS_OPTIONS, ids=["default", "betas-l2"])
+def test_swats_matches_pytorch_optimizer_before_the_switch(options, implementation):
+    """pytorch-optimizer's SWATS keeps one running average of the projection
+    per param (``exp_avg2``) and switches its whole group on any one param's,
+    within a relative tolerance, where the paper (and fastopt) keeps one per
+    group, within an absolute one: with one param per group and before a
+    switch they are the same algorithm, so params, moments and averages
+    agree element-wise.  The package also adds 1e-15 to the second moment
+    under the square root, which the paper does not (it moves elements whose
+    grads are ~1e-5 by ~1e-4 of their step): the test sets that to 0."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+
+    def per_param(ps):
+        return [{"params": [p]} for p in ps]
+
+    def package_as_the_paper(ps):
+        package = pytorch_optimizer.SWATS(per_param(ps), foreach=False, **options)
+        package.apply_ams_bound = lambda **kwargs: type(package).apply_ams_bound(**kwargs, exp_avg_sq_eps=0.0)
+        return package
+
+    initial, params, package_params, optimizer, package = run_against_package(
+        lambda ps: IMPLEMENTATIONS[implementation]("SWATS", per_param(ps), options), package_as_the_paper)
+    assert all(group["phase"] == "adam" for group in package.param_groups)
+    assert all(optimizer.state[p]["switched"].item() == 0 for p in params)
+    assert_runs_equal(params, package_params, optimizer, package, ("exp_avg", "exp_avg_sq"), exact=False)
+    averages = torch.stack([optimizer.state[p]["lr_avg"] for p in params if p.numel()])
+    expected = torch.stack([package.state[q]["exp_avg2"][0] for q in package_params if q.numel()])
+    torch.testing.assert_close(averages, expected, rtol=1e-5, atol=0)
+    assert (averages > 0).all()
     assert_moved(params, initial, 0.99)

@@ -59,7 +59,9 @@ from registry import (
     OPTIMIZERS,
     OPTIMIZERS_BY_ID,
     state_shape,
+    MEASURED_STATE_KEYS,
     SCALAR_STATE_KEYS,
+    assert_scalar_state_matches,
     SHAPES,
     SHAPES_BY_ID,
     GradientFeed,
@@ -195,12 +197,14 @@ def assert_runs_match(actual: Run, expected: Run, k: float, dtype: torch.dtype,
                       check_state_dtype: bool = True) -> None:
     """Same state keys for every param; every param and state element within
     ``k`` eps; scalar states (step counts, ASGD's eta and mu: the same double
-    arithmetic stored as float32) identical."""
+    arithmetic stored as float32) identical, measured ones (SWATS's sums)
+    within ``k`` eps of float32 or of ``dtype``."""
     assert actual.keys == expected.keys, "state keys differ"
     for key, expected_value in expected.values.items():
         value = actual.values[key]
         if key in SCALAR_STATE_KEYS:
-            torch.testing.assert_close(value, expected_value, rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+            assert_scalar_state_matches(key, value, expected_value,
+                                        k * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps))
             continue
         assert value.dtype == dtype, f"{key}: dtype {value.dtype}, expected {dtype}"
         if check_state_dtype:
@@ -314,7 +318,8 @@ def test_non_finite_grads_propagate_like_torch_optim(case_id, backend):
             f"torch.optim at {e.isnan().nonzero().flatten().tolist()}"
         assert torch.equal(a.isposinf(), e.isposinf()) and torch.equal(a.isneginf(), e.isneginf()), key
         finite = e.isfinite()
-        assert finite.sum() > e.numel() // 2
+        # (SWATS's sums over the first param, and its group's average of them, are NaN from step 1.)
+        assert finite.sum() > e.numel() // 2 or key in MEASURED_STATE_KEYS
         assert_scaled_close(a[finite], e[finite], K_VS_TORCH, torch.float32, rms(e[finite]), key)
 
 

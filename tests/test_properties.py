@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 
-from registry import (DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, SCALAR_STATE_KEYS, clone_params,
+from registry import (DTYPE_NAMES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, SCALAR_STATE_KEYS, assert_scalar_state_matches, clone_params,
                       random_values, with_layout)
 from test_parity import K_FUSED_VS_REFERENCE, K_LOW_PRECISION, K_VS_TORCH, Run, record, rms
 
@@ -321,7 +321,8 @@ def assert_close_along_the_way(actual: Run, expected: Run, largest: dict[str, to
     for key, e in expected.values.items():
         a = actual.values[key]
         if key in SCALAR_STATE_KEYS:
-            assert torch.equal(a, e), f"{what}: {key} {a.tolist()} vs {e.tolist()}"
+            assert_scalar_state_matches(key, a, e, k * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps),
+                                        f"{what}: ")
             continue
         assert a.dtype == dtype, f"{what}: {key} has dtype {a.dtype}, expected {dtype}"
         a64, e64 = a.double(), e.double()

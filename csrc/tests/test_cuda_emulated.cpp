@@ -358,6 +358,13 @@ std::vector<Variant> variants() {
     out.push_back(optimizer_variant<rules::MuonMomentumOptimizer>({0.0, 0.95, nesterov}));
   }
   out.push_back(optimizer_variant<rules::MuonUpdateOptimizer>({lr, 0.1, 1.5}));
+  // SWATS stores its sums in scalar states (rules::first_sum_state): in the
+  // Adam phase, and after the switch (switched = 1: the tensor whose steps
+  // start at 0 takes its first SGD step at call 0, the others' momentum goes on).
+  for (double switched : {0.0, 1.0}) {
+    out.push_back(optimizer_variant<rules::SwatsOptimizer>({lr, 0.9, 0.999, 1e-9, 0.1},
+                                                           {0.0, switched, 2e-2, 3e-3, 5.0, -7.0}));
+  }
   // Adafactor: a vector's variance, or a matrix's estimate (read only); the
   // sums of its reduction phase include the count of elements.
   for (bool factored : {false, true}) {

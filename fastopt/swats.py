@@ -1,0 +1,142 @@
+"""fastopt.SWATS: Adam that switches to SGD (Keskar & Socher 2017, "Improving
+Generalization Performance by Switching from Adam to SGD", Algorithm 1), on a
+fused kernel (csrc/rules/swats.h).
+
+Note [SWATS's switch]
+The switch is decided per param group, from the projection of the group's
+whole Adam step ``u`` on its gradient ``g`` (the paper's ``p_k^T p_k`` and
+``p_k^T g_k``, over every param of the group that stepped):
+
+    gamma = (u.u) / -(u.g)                       where u.g != 0
+    lr_avg = beta2 * lr_avg + (1 - beta2) * gamma
+    switch when t > 1 and |lr_avg / (1 - beta2^t) - gamma| < eps,
+    with the learned SGD step  sgd_lr = lr_avg / (1 - beta2^t).
+
+The op's reduction phase stores each param's two sums in its state
+(``update_sq``, ``update_dot_grad``; 0 after the switch, when the kernels
+skip that pass); ``_finish_group`` adds them up in float64 after the
+group's ops, decides, and writes the group's new ``lr_avg``, ``sgd_lr`` and
+``switched`` into the state of each of its params, all with tensor ops on
+the state's device: no host synchronization, so a CUDA step stays
+capturable and a compiled step one graph.  Every param keeps the group's
+values (the state is per param, as torch.optim's), so ``state_dict`` and
+the checks of every other optimizer apply unchanged.  ``switched`` is 0 in
+the Adam phase, else the param's step count of its first SGD step, whose
+momentum starts from 0 (the paper's ``v_k = 0``); a param that first steps
+after the switch starts in the SGD phase.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import check_adam_style
+from .optimizer import FusedOptimizer, _scalar, large_model_options, MIN_8BIT_SIZE
+
+# The states every param keeps for its group (Note [SWATS's switch]).
+GROUP_STATES = ("switched", "sgd_lr", "lr_avg")
+
+
+class SWATS(FusedOptimizer):
+    """SWATS (Keskar & Socher 2017, Algorithm 1): Adam until the group's
+    learned SGD step settles, then SGD with momentum at that step.
+
+    Per step and param, with ``g += weight_decay * p`` (L2) in both phases:
+    in the Adam phase ``m = lerp(m, g, 1 - beta1)``, ``a = beta2 * a +
+    (1 - beta2) * g * g``, ``p += u`` with ``u = -lr * sqrt(1 - beta2^t) /
+    (1 - beta1^t) * m / (sqrt(a) + eps)``; in the SGD phase ``v = beta1 * v + g``
+    (from 0, in ``exp_avg``) and ``p -= sgd_lr * (1 - beta1) * v``.  A param
+    group switches after a step where ``|sgd_lr - gamma| < eps`` (Note
+    [SWATS's switch]: ``gamma`` is the projection of the group's Adam step
+    on its gradient, ``sgd_lr`` its bias-corrected running average); put
+    each layer in a group of its own to switch layers apart, as the paper's
+    experiments do.  After the switch ``lr`` (and an LR scheduler) no longer
+    applies: the step is the learned ``sgd_lr``, as in the paper.
+
+    Defaults are the paper's (``eps=1e-9``, which is both Adam's epsilon and
+    the switch's tolerance).  State per param: ``step``, ``exp_avg``,
+    ``exp_avg_sq``, and its group's ``switched`` (0 before the switch), ``sgd_lr``
+    and ``lr_avg`` with the last Adam step's sums ``update_sq`` and
+    ``update_dot_grad`` (0-dim float32 tensors).  DTensor params (FSDP2) raise
+    NotImplementedError: the sums span ranks.  ``foreach``, ``capturable``
+    and ``fused`` are accepted and recorded, errors are worded as
+    torch.optim.Adam's.  See :class:`fastopt.Adam` for fastopt's keyword-only
+    extras."""
+
+    _op = "swats"
+    _op_slots = ("exp_avg", "exp_avg_sq")
+    _scalar_states = ("step", *GROUP_STATES, "update_sq", "update_dot_grad")
+    _sparse_grad_error = "SWATS does not support sparse gradients"
+    _norms_per_param = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-9, weight_decay: float = 0.0, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, backend: str | None = None, max_grad_norm: float | None = None,
+                 master_weights: bool = False, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
+        check_adam_style(lr, betas, weight_decay, foreach=foreach, capturable=capturable, fused=fused, eps=eps)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults, backend=backend, max_grad_norm=max_grad_norm,
+                         options=large_model_options(master_weights, state_dtype, stochastic_rounding,
+                                                     min_8bit_size))
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return {"beta1": _scalar(beta1), "beta2": _scalar(beta2), "eps": group["eps"],
+                "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
+
+    def _initial_scalar_state(self, group: dict[str, Any], param: Tensor, name: str) -> float | Tensor:
+        """A new param takes its group's states from a param that has them:
+        after the switch it starts in the SGD phase (``switched`` = 1, its
+        first step)."""
+        if name in GROUP_STATES:
+            for q in group["params"]:
+                state = self.state.get(q, {})
+                if q is not param and state.get(name) is not None:
+                    return (state[name] != 0).float() if name == "switched" else state[name]
+        return 0.0
+
+    def _finish_group(self, group: dict[str, Any], found_inf: Tensor | None) -> None:
+        """The group's switch (Note [SWATS's switch])."""
+        params = list(dict.fromkeys(p for p in group["params"] if self.state.get(p, {}).get("switched") is not None))
+        stepped = [self.state[p] for p in params if p.grad is not None]
+        if not stepped:
+            return
+        first = stepped[0]
+        device = first["step"].device
+        beta2 = _scalar(group["betas"][1])
+        update_sq = torch.stack([s["update_sq"].to(device) for s in stepped]).double().sum()
+        update_dot_grad = torch.stack([s["update_dot_grad"].to(device) for s in stepped]).double().sum()
+        step = first["step"].to(torch.float64)
+        lr_avg = first["lr_avg"].to(torch.float64)
+        projected = (first["switched"] == 0) & (update_dot_grad != 0)
+        if found_inf is not None:  # the ops skipped this step
+            projected &= found_inf.to(device) == 0
+        gamma = update_sq / torch.where(projected, -update_dot_grad, 1.0)
+        lr_avg = torch.where(projected, beta2 * lr_avg + (1 - beta2) * gamma, lr_avg)
+        sgd_lr = lr_avg / (1 - beta2**step)
+        switch = projected & (step > 1) & ((sgd_lr - gamma).abs() < group["eps"])
+        sgd_lr = torch.where(switch, sgd_lr, first["sgd_lr"].to(torch.float64))
+        # A few ops per device, not per param (a group may span devices).
+        by_device: dict[torch.device, list[dict[str, Any]]] = {}
+        for p in params:
+            by_device.setdefault(self.state[p]["step"].device, []).append(self.state[p])
+        for on, states in by_device.items():
+            switched = [s["switched"] for s in states]
+            steps = torch.stack([s["step"] for s in states])
+            torch._foreach_copy_(switched, torch.where(switch.to(on), steps + 1, torch.stack(switched)).unbind())
+            torch._foreach_copy_([s["sgd_lr"] for s in states], [sgd_lr.to(on)] * len(states))
+            torch._foreach_copy_([s["lr_avg"] for s in states], [lr_avg.to(on)] * len(states))
