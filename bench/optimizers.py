@@ -81,6 +81,14 @@ SPECS: dict[str, OptimizerSpec] = {
         # estimate built from its factors) in a reduction pass and an update pass;
         # the factors' row and column means (torch's reductions) come on top.
         OptimizerSpec("adafactor", "Adafactor", "Adafactor", {"lr": 1e-2}, 1, reduction_slots=1),
+        # SWATS: on the bench's constant grads its projection is constant, so a
+        # group switches at step 2 (here and in pytorch-optimizer's): `swats` times
+        # the SGD phase (one pass over Adam's streams), `swats-adam` the Adam phase
+        # (eps 0: never switches), whose reduction pass takes the projection.  Both
+        # add the group's switch after the op (a few list ops over the params).
+        OptimizerSpec("swats", "SWATS", "SWATS (after its switch)", {"lr": 1e-3}, 2),
+        OptimizerSpec("swats-adam", "SWATS", "SWATS (Adam phase)", {"lr": 1e-3, "eps": 0.0}, 2,
+                      reduction_slots=2),
         OptimizerSpec("adam-8bit", "Adam", "Adam 8-bit state", {"lr": 1e-3, "state_dtype": torch.uint8}, 2,
                       state_itemsize=EIGHT_BIT_STATE_BYTES),
         OptimizerSpec("adamw-8bit", "AdamW", "AdamW 8-bit state",
@@ -91,7 +99,7 @@ SPECS: dict[str, OptimizerSpec] = {
 
 # Plain SGD (no state) and the optimizers added after the first five are
 # available with --optimizers but not run by default (Lion, ADOPT, AdaBound,
-# QHAdam, AggMo, LAMB and LARS have no torch.optim baseline: their rows compare with the
+# QHAdam, AggMo, LAMB, LARS and SWATS have no torch.optim baseline: their rows compare with the
 # roofline and with the published package, impl `pypi`, where installed; the
 # 8-bit specs compare with bitsandbytes, impl `pypi`, and with the same
 # optimizer's float32 state, option sets adam / adamw).

@@ -110,16 +110,29 @@ class SWATS(FusedOptimizer):
         return 0.0
 
     def _finish_group(self, group: dict[str, Any], found_inf: Tensor | None) -> None:
-        """The group's switch (Note [SWATS's switch])."""
-        params = list(dict.fromkeys(p for p in group["params"] if self.state.get(p, {}).get("switched") is not None))
-        stepped = [self.state[p] for p in params if p.grad is not None]
-        if not stepped:
+        """The group's switch (Note [SWATS's switch]): a few list ops per
+        device the group's params are on (a group may span devices)."""
+        # device -> (the states of params that stepped, all states), each once
+        by_device: dict[torch.device, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        seen: set[int] = set()
+        for p in group["params"]:
+            state = self.state.get(p)
+            if not state or id(state) in seen or state.get("switched") is None:
+                continue
+            seen.add(id(state))
+            stepped, states = by_device.setdefault(state["step"].device, ([], []))
+            states.append(state)
+            if p.grad is not None:
+                stepped.append(state)
+        firsts = [stepped[0] for stepped, _ in by_device.values() if stepped]
+        if not firsts:
             return
-        first = stepped[0]
+        first = firsts[0]
         device = first["step"].device
+        sums = sum(torch.stack([t for s in stepped for t in (s["update_sq"], s["update_dot_grad"])])
+                   .double().view(-1, 2).sum(0).to(device) for stepped, _ in by_device.values() if stepped)
+        update_sq, update_dot_grad = sums.unbind()
         beta2 = _scalar(group["betas"][1])
-        update_sq = torch.stack([s["update_sq"].to(device) for s in stepped]).double().sum()
-        update_dot_grad = torch.stack([s["update_dot_grad"].to(device) for s in stepped]).double().sum()
         step = first["step"].to(torch.float64)
         lr_avg = first["lr_avg"].to(torch.float64)
         projected = (first["switched"] == 0) & (update_dot_grad != 0)
@@ -130,13 +143,13 @@ class SWATS(FusedOptimizer):
         sgd_lr = lr_avg / (1 - beta2**step)
         switch = projected & (step > 1) & ((sgd_lr - gamma).abs() < group["eps"])
         sgd_lr = torch.where(switch, sgd_lr, first["sgd_lr"].to(torch.float64))
-        # A few ops per device, not per param (a group may span devices).
-        by_device: dict[torch.device, list[dict[str, Any]]] = {}
-        for p in params:
-            by_device.setdefault(self.state[p]["step"].device, []).append(self.state[p])
-        for on, states in by_device.items():
+        for on, (_, states) in by_device.items():
+            # switched = switch ? step + 1 : switched, in place (exact: whole numbers
+            # far below 2^24; out-of-place list ops would allocate a tensor per param).
             switched = [s["switched"] for s in states]
-            steps = torch.stack([s["step"] for s in states])
-            torch._foreach_copy_(switched, torch.where(switch.to(on), steps + 1, torch.stack(switched)).unbind())
+            switching = [switch.to(on, torch.float32)] * len(states)
+            torch._foreach_mul_(switched, 1 - switching[0])
+            torch._foreach_addcmul_(switched, [s["step"] for s in states], switching)
+            torch._foreach_add_(switched, switching)
             torch._foreach_copy_([s["sgd_lr"] for s in states], [sgd_lr.to(on)] * len(states))
             torch._foreach_copy_([s["lr_avg"] for s in states], [lr_avg.to(on)] * len(states))
