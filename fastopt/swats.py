@@ -129,8 +129,9 @@ class SWATS(FusedOptimizer):
             return
         first = firsts[0]
         device = first["step"].device
+        # Added in param order (cumsum: in order on the CPU, whatever its threads).
         sums = sum(torch.stack([t for s in stepped for t in (s["update_sq"], s["update_dot_grad"])])
-                   .double().view(-1, 2).sum(0).to(device) for stepped, _ in by_device.values() if stepped)
+                   .double().view(-1, 2).cumsum(0)[-1].to(device) for stepped, _ in by_device.values() if stepped)
         update_sq, update_dot_grad = sums.unbind()
         beta2 = _scalar(group["betas"][1])
         step = first["step"].to(torch.float64)
