@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import operator
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -126,6 +126,9 @@ class _Plan:
     # The state of each param whose state this plan's build created or
     # completed, as it was before: restored if the step fails.
     created: list[tuple[Tensor, dict[str, Any] | None]]
+    # What the subclass's _finish_group keeps while the plan holds (its
+    # group's state lists), so that a step stays O(groups) Python work.
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 # Note [Large-model options]
@@ -440,9 +443,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``_step_args``)."""
         getattr(bucket.kernels, f"{self._op}_bound_")(bucket.bound, **step_args, **self._hyper(group))
 
-    def _finish_group(self, group: dict[str, Any], found_inf: Tensor | None) -> None:
+    def _finish_group(self, group: dict[str, Any], memo: dict[str, Any], found_inf: Tensor | None) -> None:
         """Runs after the ops of ``group``'s buckets in a step: the per-group
         work of an optimizer whose decisions span the group (SWATS's switch).
+        ``memo``: kept with the group's step plan (empty again when the plan is
+        rebuilt: state or params changed), for lists of the group's state.
         ``found_inf``: the step's AMP / clip flag (nonzero: the ops changed nothing)."""
 
     def _binds_in_python(self, kind: Any) -> bool:
@@ -744,7 +749,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket = _Bucket(reference, device, dtype, fresh, bound, kind=kind)
                 self._run(group, bucket, self._step_args(group, bucket, grad_scale, found_inf, traced=True))
             if lists:
-                self._finish_group(group, found_inf)
+                self._finish_group(group, {}, found_inf)
         if grad_norm is not None:
             self._step_record["last_grad_norm"] = grad_norm
 
@@ -786,7 +791,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         torch.autograd.graph.increment_version(
                             [p for p in bucket.bound.params if p.grad is not None])
                 if plan.buckets:
-                    self._finish_group(group, found_inf)
+                    self._finish_group(group, plan.memo, found_inf)
             if grad_norm is not None:
                 self._step_record["last_grad_norm"] = grad_norm
         except Exception as error:

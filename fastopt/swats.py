@@ -109,30 +109,41 @@ class SWATS(FusedOptimizer):
                     return (state[name] != 0).float() if name == "switched" else state[name]
         return 0.0
 
-    def _finish_group(self, group: dict[str, Any], found_inf: Tensor | None) -> None:
-        """The group's switch (Note [SWATS's switch]): a few list ops per
-        device the group's params are on (a group may span devices)."""
-        # device -> (the states of params that stepped, all states), each once
-        by_device: dict[torch.device, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        seen: set[int] = set()
-        for p in group["params"]:
+    def _states_by_device(self, group: dict[str, Any]) -> list[tuple[list[Tensor], dict[str, list[Tensor]]]]:
+        """The group's params with state, each once, per device (a group may
+        span devices), with their scalar-state tensors per key."""
+        by_device: dict[torch.device, tuple[list[Tensor], dict[str, list[Tensor]]]] = {}
+        for p in dict.fromkeys(group["params"]):
             state = self.state.get(p)
-            if not state or id(state) in seen or state.get("switched") is None:
+            if state and state.get("switched") is not None:
+                params, tensors = by_device.setdefault(
+                    state["step"].device, ([], {key: [] for key in self._scalar_states}))
+                params.append(p)
+                for key in self._scalar_states:
+                    tensors[key].append(state[key])
+        return list(by_device.values())
+
+    def _finish_group(self, group: dict[str, Any], memo: dict[str, Any], found_inf: Tensor | None) -> None:
+        """The group's switch (Note [SWATS's switch]): a few list ops per
+        device, on state lists kept with the step plan (``memo``)."""
+        if "by_device" not in memo:
+            memo["by_device"] = self._states_by_device(group)
+        partial_sums, first = [], None
+        for params, tensors in memo["by_device"]:
+            stepped = [p.grad is not None for p in params]
+            sq, dot = tensors["update_sq"], tensors["update_dot_grad"]
+            if not all(stepped):
+                sq, dot = [t for t, s in zip(sq, stepped) if s], [t for t, s in zip(dot, stepped) if s]
+            if not sq:
                 continue
-            seen.add(id(state))
-            stepped, states = by_device.setdefault(state["step"].device, ([], []))
-            states.append(state)
-            if p.grad is not None:
-                stepped.append(state)
-        firsts = [stepped[0] for stepped, _ in by_device.values() if stepped]
-        if not firsts:
+            if first is None:
+                first = {key: tensors[key][stepped.index(True)] for key in ("step", "switched", "sgd_lr", "lr_avg")}
+            # Added in param order (cumsum: in order on the CPU, whatever its threads).
+            partial_sums.append(torch.stack(sq + dot).double().view(2, -1).cumsum(1)[:, -1])
+        if first is None:
             return
-        first = firsts[0]
         device = first["step"].device
-        # Added in param order (cumsum: in order on the CPU, whatever its threads).
-        sums = sum(torch.stack([t for s in stepped for t in (s["update_sq"], s["update_dot_grad"])])
-                   .double().view(-1, 2).cumsum(0)[-1].to(device) for stepped, _ in by_device.values() if stepped)
-        update_sq, update_dot_grad = sums.unbind()
+        update_sq, update_dot_grad = sum(s.to(device) for s in partial_sums).unbind()
         beta2 = _scalar(group["betas"][1])
         step = first["step"].to(torch.float64)
         lr_avg = first["lr_avg"].to(torch.float64)
@@ -144,13 +155,13 @@ class SWATS(FusedOptimizer):
         sgd_lr = lr_avg / (1 - beta2**step)
         switch = projected & (step > 1) & ((sgd_lr - gamma).abs() < group["eps"])
         sgd_lr = torch.where(switch, sgd_lr, first["sgd_lr"].to(torch.float64))
-        for on, (_, states) in by_device.items():
+        for params, tensors in memo["by_device"]:
+            on = tensors["step"][0].device
             # switched = switch ? step + 1 : switched, in place (exact: whole numbers
             # far below 2^24; out-of-place list ops would allocate a tensor per param).
-            switched = [s["switched"] for s in states]
-            switching = [switch.to(on, torch.float32)] * len(states)
-            torch._foreach_mul_(switched, 1 - switching[0])
-            torch._foreach_addcmul_(switched, [s["step"] for s in states], switching)
-            torch._foreach_add_(switched, switching)
-            torch._foreach_copy_([s["sgd_lr"] for s in states], [sgd_lr.to(on)] * len(states))
-            torch._foreach_copy_([s["lr_avg"] for s in states], [lr_avg.to(on)] * len(states))
+            switching = [switch.to(on, torch.float32)] * len(params)
+            torch._foreach_mul_(tensors["switched"], 1 - switching[0])
+            torch._foreach_addcmul_(tensors["switched"], tensors["step"], switching)
+            torch._foreach_add_(tensors["switched"], switching)
+            torch._foreach_copy_(tensors["sgd_lr"], [sgd_lr.to(on)] * len(params))
+            torch._foreach_copy_(tensors["lr_avg"], [lr_avg.to(on)] * len(params))
