@@ -22,6 +22,11 @@
 // (Note [Fused gradient clipping] in fastopt/clip.py): the sum of squares of
 // every element of its grads (complex ones as real pairs, any mix of the
 // four dtypes, one device) as a float64 0-dim tensor on their device.
+//
+// row_col_sq_means_ is not a step either but the first phase of a factored
+// one (Note [Row and column sums] in rules/row_col_sums.h): the mean of
+// (grad / grad_scale)^2 over each row and each column of every grad of two
+// or more dims, into row_means and col_means.
 #include <torch/library.h>
 
 #include "optimizer_table.h"
@@ -37,6 +42,8 @@ TORCH_LIBRARY(fastopt, m) {
     m.def(fastopt::step_op_schema<decltype(descriptor)>(/*bound=*/false).c_str());
   });
   m.def("grad_sq_norm(Tensor[] grads) -> Tensor");
+  m.def("row_col_sq_means_(Tensor[] grads, Tensor(a!)[] row_means, Tensor(b!)[] col_means, *, "
+        "Tensor? grad_scale=None) -> ()");
   // Moves the streams of an optimizer with len(slots) / len(params) state
   // tensors per param, with trivial arithmetic: the memory floor for bench/.
   m.def("roofline_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] slots) -> ()");
@@ -54,8 +61,21 @@ at::Tensor grad_sq_norm_of_empty(at::TensorList grads) {
   return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
 }
 
+// The same for row_col_sq_means_: an empty call does nothing.
+void row_col_sq_means_of_empty(at::TensorList grads, at::TensorList row_means, at::TensorList col_means,
+                               const std::optional<at::Tensor>& grad_scale) {
+  constexpr const char* kOp = "fastopt::row_col_sq_means_";
+  if (!grads.empty()) {
+    fastopt::check_row_col_means(kOp, grads, row_means, col_means, grad_scale, grads[0].device().type());
+  }
+  TORCH_CHECK(grads.empty() && row_means.empty() && col_means.empty(), kOp,
+              grads.empty() ? ": got no grads but row_means or col_means"
+                            : ": fastopt has no kernel for these tensors");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CompositeExplicitAutograd, m) {
   m.impl("grad_sq_norm", &grad_sq_norm_of_empty);
+  m.impl("row_col_sq_means_", &row_col_sq_means_of_empty);
 }

@@ -8,6 +8,7 @@
 #include "rules/common.h"
 #include "rules/quantization.h"
 
+#include <tuple>
 #include <utility>
 
 #include <c10/util/Exception.h>
@@ -170,6 +171,54 @@ void check_norm_grads(const char* op, at::TensorList grads, c10::DeviceType devi
     const at::ScalarType real = g.is_complex() ? c10::toRealValueType(g.scalar_type()) : g.scalar_type();
     TORCH_CHECK(supported_dtype(real), op, ": grads[", i, "] has dtype ", g.scalar_type(),
                 "; supported: float32, float64, float16, bfloat16 and their complex types");
+  }
+}
+
+std::vector<int64_t> factor_shape(const at::Tensor& grad, bool row) {
+  std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
+  shape[shape.size() - (row ? 1 : 2)] = 1;
+  return shape;
+}
+
+int64_t matrix_batches(const at::Tensor& tensor) {
+  int64_t batches = 1;
+  for (int64_t d = 0; d + 2 < tensor.dim(); ++d) batches *= tensor.size(d);
+  return batches;
+}
+
+void check_row_col_means(const char* op, at::TensorList grads, at::TensorList row_means,
+                         at::TensorList col_means, const std::optional<at::Tensor>& grad_scale,
+                         c10::DeviceType device_type) {
+  TORCH_CHECK(row_means.size() == grads.size() && col_means.size() == grads.size(), op, ": got ",
+              grads.size(), " grads, ", row_means.size(), " row_means and ", col_means.size(),
+              " col_means; one of each per grad");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.defined() && g.layout() == at::kStrided && g.device().type() == device_type &&
+                    g.device() == grads[0].device(),
+                op, ": grads[", i, "] must be a dense tensor on ", grads[0].device(),
+                " (one call takes tensors of one device)");
+    TORCH_CHECK(supported_dtype(g.scalar_type()) && g.dim() >= 2, op, ": grads[", i,
+                "] must have two or more dims and dtype float32, float64, float16 or bfloat16, got a ",
+                g.scalar_type(), " tensor of shape ", g.sizes());
+    const at::ScalarType opmath = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    for (const auto& [name, means, row] : {std::tuple{"row_means", &row_means, true},
+                                           std::tuple{"col_means", &col_means, false}}) {
+      const at::Tensor& m = (*means)[i];
+      const std::vector<int64_t> shape = factor_shape(g, row);
+      TORCH_CHECK(m.defined() && m.scalar_type() == opmath && m.device() == g.device() &&
+                      m.sizes() == at::IntArrayRef(shape) && m.is_contiguous(),
+                  op, ": ", name, "[", i, "] must be a contiguous ", opmath, " tensor of shape ",
+                  at::IntArrayRef(shape), " on ", g.device(), ", got ",
+                  m.defined() ? c10::str("a ", m.scalar_type(), " tensor of shape ", m.sizes(), " on ", m.device())
+                              : std::string("an undefined tensor"));
+    }
+  }
+  if (grad_scale.has_value()) {
+    const at::Tensor& s = *grad_scale;
+    TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()) &&
+                    (grads.empty() || s.device() == grads[0].device()),
+                op, ": grad_scale must be a one-element floating-point tensor on the grads' device");
   }
 }
 

@@ -70,4 +70,23 @@ void check_state_scales(const char* op, at::TensorList params, size_t num_slots,
 // device, of device_type; throws naming the index.
 void check_norm_grads(const char* op, at::TensorList grads, c10::DeviceType device_type);
 
+// The shape of the row means (row = true: the last dim 1) or the column
+// means (the second-to-last dim 1) of a grad of two or more dims.
+std::vector<int64_t> factor_shape(const at::Tensor& grad, bool row);
+
+// The matrices of a tensor of two or more dims: the product of its sizes
+// but the last two.
+int64_t matrix_batches(const at::Tensor& tensor);
+
+// Checks the lists of fastopt::row_col_sq_means_ (Note [Row and column sums]
+// in rules/row_col_sums.h): one row-means and one column-means tensor per
+// grad; each grad a dense real tensor of two or more dims and a supported
+// dtype on grads[0]'s device, of device_type; its means contiguous, of its
+// opmath dtype (float64 for float64 grads, else float32) and factor_shape,
+// on its device; grad_scale (when given) one floating-point element on that
+// device.  Throws naming the list and index.
+void check_row_col_means(const char* op, at::TensorList grads, at::TensorList row_means,
+                         at::TensorList col_means, const std::optional<at::Tensor>& grad_scale,
+                         c10::DeviceType device_type);
+
 }  // namespace fastopt

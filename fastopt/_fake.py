@@ -16,8 +16,8 @@ from torch import Tensor
 
 def mutating_list_ops() -> list[str]:
     """The in-place list ops of the loaded extension (one per row of the
-    optimizer table, and the roofline): no outputs, mutations declared in
-    their schemas.  The bound ops end in ``_bound_`` and are left out."""
+    optimizer table, the roofline and row_col_sq_means_): no outputs,
+    mutations declared in their schemas.  The bound ops end in ``_bound_`` and are left out."""
     names = (schema.name.split("::", 1)[1] for schema in torch._C._jit_get_all_schemas()
              if schema.name.startswith("fastopt::"))
     return sorted(name for name in names if name.endswith("_") and not name.endswith("_bound_"))

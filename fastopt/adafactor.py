@@ -9,11 +9,13 @@ A param of two or more dims keeps its second moment as two factors,
 second-to-last dim 1); a vector (or 0-dim) param keeps a full ``variance``.
 A step per bucket of params (one device and dtype, matrices and vectors
 apart):
-  1. matrices only: per param, g * g into a buffer of the param's size and
-     its row and column means (two contiguous reductions, in opmath), the
-     factors lerped towards them, and the estimate
-     ``row_var @ col_var / mean(row_var)`` over the same buffer (torch.optim
-     builds such a temporary too);
+  1. matrices only: ``row_col_sq_means_``, one read of the bucket's grads
+     for the row and column means of g * g (Note [Row and column sums] in
+     csrc/rules/row_col_sums.h: a reduction phase per row and column, on
+     both drivers, deterministic for any thread count); per param, the
+     factors lerped towards them (a row and a column of values) and the
+     estimate ``row_var @ col_var / mean(row_var)`` in a buffer of the
+     param's size (torch.optim builds such a temporary too);
   2. ``adafactor_``: one fused op over the bucket: its reduction phase
      takes ||p|| and ||u|| of each param, u = g / sqrt(max(v, eps1^2)) with
      v the estimate (matrices) or the lerped variance (vectors), and its
@@ -21,11 +23,11 @@ apart):
      stochastic rounding included);
   3. matrices only: the lerped factors stored (computed again, from the
      step count the op advanced: see ``_run``).
-The row and column sums of step 1 are torch's reductions, not yet a phase of
-the drivers: the fused op saves the element-wise passes and the norms, which
-torch.optim runs as ~8 kernels and two host reads per param, and the
-reductions run over g * g in memory order, where torch.optim's norm over the
-columns strides through g.
+torch.optim runs the same step as ~10 kernels and two host reads per param:
+g * g into a temporary, a norm over its rows and one striding through its
+columns, the estimate, and the element-wise passes and norms that the fused
+op takes.  The estimate is still a buffer: computing it in the fused op
+would need each element's row and column there.
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ FACTORS = {"row_var": -1, "col_var": -2}
 
 def _factored(param: Tensor) -> bool:
     return param.dim() > 1
+
+
+def _opmath(tensor: Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _factor_shape(param: Tensor, dim: int) -> list[int]:
@@ -207,10 +213,9 @@ class Adafactor(FusedOptimizer):
         bound.check()
         params, grads, _, (steps,), masters, _ = tensors
         beta2_decay = group["beta2_decay"]
-        squares = [self._grad_squares(p, g, step_args) for p, g in zip(params, grads)]
-        means = [self._means(square) for square in squares]
-        estimates = [self._estimate(square, self._advanced_factors(p, step + 1, mean, beta2_decay), eps1)
-                     for p, square, step, mean in zip(params, squares, steps, means)]
+        means = self._means(bound.ops, grads, step_args)
+        estimates = [self._estimate(p, self._advanced_factors(p, step + 1, mean, beta2_decay), eps1)
+                     for p, step, mean in zip(params, steps, means)]
         bound.ops.adafactor_(params, grads, estimates, steps, master_params=masters, **step_args, **hyper)
         # Stored after the op, from the step count it advanced (the estimates'
         # factors took step + 1, the same number): torch.compile's Inductor
@@ -227,42 +232,31 @@ class Adafactor(FusedOptimizer):
     # clip sets ``grad_scale`` only.
 
     @staticmethod
-    def _grad_squares(param: Tensor, grad: Tensor, step_args: dict[str, Any]) -> Tensor:
-        """g * g (unscaled by max_grad_norm's coefficient) in a new buffer laid
-        out as the op's slots (like the param), which later holds the estimate."""
-        opmath = torch.float64 if param.dtype == torch.float64 else torch.float32
-        square = torch.empty_like(param, dtype=opmath)
-        if grad.dtype == opmath and step_args["grad_scale"] is None:
-            return torch.mul(grad, grad, out=square)
-        square.copy_(grad)
-        if step_args["grad_scale"] is not None:
-            square.div_(step_args["grad_scale"])
-        return square.mul_(square)
-
-    @staticmethod
-    def _means(square: Tensor) -> tuple[Tensor, ...] | None:
-        """The row and column means of g * g, by two reductions of ``square``
-        (torch.optim's norm over the columns strides through g), or None for a
+    def _means(ops: Any, grads: list[Tensor], step_args: dict[str, Any]) -> list[tuple[Tensor, Tensor] | None]:
+        """Per grad, the row and column means of g * g (unscaled by
+        max_grad_norm's coefficient; float64 for float64 params, else
+        float32): one ``row_col_sq_means_`` over the bucket; None for a
         matrix without elements (torch.optim divides by zero)."""
-        if square.numel() == 0:
-            return None
-        return tuple(square.sum(dim=dim, keepdim=True).div_(square.size(dim)) for dim in FACTORS.values())
+        rows = [torch.empty(_factor_shape(g, -1), dtype=_opmath(g), device=g.device) for g in grads]
+        cols = [torch.empty(_factor_shape(g, -2), dtype=_opmath(g), device=g.device) for g in grads]
+        ops.row_col_sq_means_(grads, rows, cols, grad_scale=step_args["grad_scale"])
+        return [None if g.numel() == 0 else means for g, means in zip(grads, zip(rows, cols))]
 
     def _advanced_factors(self, param: Tensor, count: Tensor, means: tuple[Tensor, ...] | None,
                           beta2_decay: float) -> dict[str, Tensor]:
         """The factors lerped towards ``means`` by ``count^beta2_decay``
         (``count``: the step being taken), unrounded; as they are without means."""
-        opmath = torch.float64 if param.dtype == torch.float64 else torch.float32
-        factors = {name: self.state[param][name].to(opmath) for name in FACTORS}
+        factors = {name: self.state[param][name].to(_opmath(param)) for name in FACTORS}
         if means is None:
             return factors
-        weight = (count.double() ** beta2_decay).to(opmath)
+        weight = (count.double() ** beta2_decay).to(_opmath(param))
         return {name: factor.lerp(mean, weight) for (name, factor), mean in zip(factors.items(), means)}
 
     @staticmethod
-    def _estimate(square: Tensor, factors: dict[str, Tensor], eps1: float) -> Tensor:
+    def _estimate(param: Tensor, factors: dict[str, Tensor], eps1: float) -> Tensor:
         """``row_var @ col_var / mean(row_var)`` (one product per element, as
-        torch.optim's matmul) written over ``square``."""
+        torch.optim's matmul) in a buffer laid out as the op's slots (like
+        the param)."""
         row_var, col_var = factors["row_var"], factors["col_var"]
-        estimate = torch.mul(row_var, col_var, out=square)
+        estimate = torch.mul(row_var, col_var, out=torch.empty_like(param, dtype=_opmath(param)))
         return estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))

@@ -25,7 +25,7 @@ from torch import Tensor
 __all__ = [
     "adam_", "sgd_", "rmsprop_", "adagrad_", "nadam_", "radam_", "adamax_", "adadelta_", "asgd_", "rprop_",
     "lion_", "adopt_", "lamb_", "lars_", "muon_momentum_", "muon_update_", "adafactor_",
-    "swats_", "grad_sq_norm",
+    "swats_", "grad_sq_norm", "row_col_sq_means_",
     "BoundTensors", "tensor_problem", "is_dense", "ordered_sum", "grad_sq_norm_bound_",
     "quantize_blocks", "dequantize_blocks", "num_quantization_blocks", "QUANTIZATION_BLOCK",
 ]
@@ -1154,6 +1154,87 @@ def grad_sq_norm(grads) -> Tensor:
     for g in grads:
         total += (torch.view_as_real(g) if g.is_complex() else g).double().square().sum()
     return total
+
+
+# The kernels' order of addition of row and column sums (Note [Row and column
+# sums] in csrc/rules/row_col_sums.h): kRowSumLanes, and column chunks of
+# column_chunk_rows(rows) = ceil(sqrt(rows)) rows.
+_ROW_SUM_LANES = 16
+
+
+def _column_chunk_rows(rows: int) -> int:
+    return math.isqrt(rows - 1) + 1 if rows > 1 else 1
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _in_order(terms: Tensor, dim: int, group: int, interleaved: bool) -> Tensor:
+    """Sums of ``terms`` (float64, not empty) over ``dim`` as the kernels add
+    them: ``dim`` zero-padded to groups of ``group`` elements, interleaved
+    (element j in lane j % group: the lanes of a row) or consecutive (the
+    chunks of a column); each lane or group added in order, then their sums
+    in order (torch.cumsum adds in order on the CPU)."""
+    dim %= terms.dim()
+    size = terms.size(dim)
+    padded = -(-size // group) * group
+    pad_shape = list(terms.shape)
+    pad_shape[dim] = padded - size
+    terms = torch.cat([terms, terms.new_zeros(pad_shape)], dim=dim)
+    shape = list(terms.shape)
+    shape[dim:dim + 1] = [padded // group, group]
+    terms = terms.reshape(shape)  # dim: the groups (lanes: the rows of lanes), dim + 1: within
+    inner = terms.cumsum(dim).select(dim, -1) if interleaved else terms.cumsum(dim + 1).select(dim + 1, -1)
+    return inner.cumsum(dim).select(dim, -1)
+
+
+@torch.no_grad()
+def row_col_sq_means_(grads, row_means, col_means, *, grad_scale=None) -> None:
+    """The mean of ``(grad / grad_scale)**2`` over each row and each column of
+    every grad (as matrices: its last two dims), into ``row_means`` (its shape
+    with the last dim 1) and ``col_means`` (the second-to-last dim 1), of its
+    opmath dtype: the first phase of a factored step (Note [Row and column
+    sums] in csrc/rules/row_col_sums.h).  Squares and sums in float64, added
+    in the kernels' order, each mean rounded once; a mean over nothing is
+    NaN."""
+    op = "fastopt::row_col_sq_means_"
+    if not (len(row_means) == len(col_means) == len(grads)):
+        raise RuntimeError(f"{op}: got {len(grads)} grads, {len(row_means)} row_means and {len(col_means)} "
+                           "col_means; one of each per grad")
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided or g.device != grads[0].device:
+            raise RuntimeError(f"{op}: grads[{i}] must be a dense tensor on {grads[0].device} "
+                               "(one call takes tensors of one device)")
+        if g.dtype not in _SUPPORTED_DTYPES or g.dim() < 2:
+            raise RuntimeError(f"{op}: grads[{i}] must have two or more dims and dtype float32, float64, "
+                               f"float16 or bfloat16, got a {g.dtype} tensor of shape {list(g.shape)}")
+        opmath = _opmath(g.dtype)
+        for name, means, dim in (("row_means", row_means, -1), ("col_means", col_means, -2)):
+            m, shape = means[i], list(g.shape)
+            shape[dim] = 1
+            if not (isinstance(m, Tensor) and m.dtype == opmath and m.device == g.device and list(m.shape) == shape
+                    and m.is_contiguous()):
+                got = (f"a {m.dtype} tensor of shape {list(m.shape)} on {m.device}" if isinstance(m, Tensor)
+                       else type(m).__name__)
+                raise RuntimeError(f"{op}: {name}[{i}] must be a contiguous {opmath} tensor of shape {shape} "
+                                   f"on {g.device}, got {got}")
+    if grad_scale is not None and not (grad_scale.numel() == 1 and grad_scale.is_floating_point()
+                                       and (not grads or grad_scale.device == grads[0].device)):
+        raise RuntimeError(f"{op}: grad_scale must be a one-element floating-point tensor on the grads' device")
+    for g, row, col in zip(grads, row_means, col_means):
+        opmath = _opmath(g.dtype)
+        values = g.to(opmath)
+        if grad_scale is not None:
+            values = values / grad_scale.to(opmath).reshape(())
+        squares = values.double().square()
+        rows, cols = g.shape[-2], g.shape[-1]
+        if squares.numel() == 0:
+            row.copy_(squares.new_zeros(row.shape) / cols)
+            col.copy_(squares.new_zeros(col.shape) / rows)
+            continue
+        row.copy_((_in_order(squares, -1, _ROW_SUM_LANES, interleaved=True) / cols).unsqueeze(-1))
+        col.copy_((_in_order(squares, -2, _column_chunk_rows(rows), interleaved=False) / rows).unsqueeze(-2))
 
 
 class BoundTensors:

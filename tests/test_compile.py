@@ -258,6 +258,9 @@ def _op_samples():
            dict(lr=0.0, rho=0.9, eps=1e-6, weight_decay=0.1, maximize=False, **extras))
     yield ops.roofline_, (tensors(), tensors(), tensors()), {}
     yield ops.grad_sq_norm, (tensors(),), {}
+    matrices = [torch.randn(2, 5), torch.randn(3, 4, 6)]
+    yield (ops.row_col_sq_means_, (matrices, [torch.empty(2, 1), torch.empty(3, 4, 1)],
+                                   [torch.empty(1, 5), torch.empty(3, 1, 6)]), dict(grad_scale=torch.tensor(2.0)))
 
 
 @pytest.mark.parametrize("sample", list(_op_samples()), ids=lambda s: str(s[0]))

@@ -25,8 +25,9 @@ CLASSES = sorted({getattr(fastopt, name) for name in fastopt.__all__
 
 
 def _op_names() -> list[str]:
-    """The list ops of the optimizer table (the roofline is no optimizer)."""
-    return [name for name in _fake.mutating_list_ops() if name != "roofline_"]
+    """The list ops of the optimizer table (the roofline and the row and
+    column sums are no optimizer)."""
+    return [name for name in _fake.mutating_list_ops() if name not in ("roofline_", "row_col_sq_means_")]
 
 
 @needs_extension

@@ -1,9 +1,10 @@
-// The CUDA kernels that are not an optimizer of the table: the roofline and
-// the launch size.  The optimizers' kernels are instantiated one
+// The CUDA kernels that are not an optimizer of the table: the roofline, the
+// launch size and the row and column sums (row_col_sums.cuh).  The optimizers' kernels are instantiated one
 // translation unit per optimizer (Note [The optimizer table]).  No torch
 // headers.
 #include "../rules/roofline.h"
 #include "multi_tensor_apply.cuh"
+#include "row_col_sums.cuh"
 
 namespace fastopt::cuda {
 

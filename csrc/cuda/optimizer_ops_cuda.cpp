@@ -198,10 +198,47 @@ at::Tensor grad_sq_norm_cuda(at::TensorList grads) {
   return sum;
 }
 
+// fastopt::row_col_sq_means_ on the device (row_col_sums.cuh): kernels per
+// grad over one workspace, no host sync.
+void row_col_sq_means_cuda(at::TensorList grads, at::TensorList row_means, at::TensorList col_means,
+                           const std::optional<at::Tensor>& grad_scale) {
+  constexpr const char* kOp = "fastopt::row_col_sq_means_";
+  check_row_col_means(kOp, grads, row_means, col_means, grad_scale, c10::kCUDA);
+  if (grads.empty()) return;
+  const c10::cuda::CUDAGuard device_guard(grads[0].device());
+  const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(at::kDouble) : at::Tensor();
+  std::vector<RowColLaunch> launches(grads.size());
+  std::vector<at::Tensor> dense(grads.size());
+  int64_t workspace_doubles = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    dense[i] = grads[i].contiguous();
+    RowColLaunch& launch = launches[i];
+    launch.dtype = dtype_of(grads[i].scalar_type());
+    launch.rows = grads[i].size(-2);
+    launch.cols = grads[i].size(-1);
+    launch.batches = matrix_batches(grads[i]);
+    workspace_doubles += row_col_workspace_doubles(launch.batches, launch.rows, launch.cols);
+  }
+  const at::Tensor workspace = at::empty({workspace_doubles}, grads[0].options().dtype(at::kDouble));
+  int64_t offset = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    RowColLaunch& launch = launches[i];
+    launch.grad = dense[i].const_data_ptr();
+    launch.row_means = row_means[i].data_ptr();
+    launch.col_means = col_means[i].data_ptr();
+    launch.grad_scale = scale.defined() ? scale.const_data_ptr<double>() : nullptr;
+    launch.workspace = workspace.data_ptr<double>() + offset;
+    launch.stream = at::cuda::getCurrentCUDAStream().stream();
+    offset += row_col_workspace_doubles(launch.batches, launch.rows, launch.cols);
+    launch_row_col_sq_means(launch);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("grad_sq_norm", &grad_sq_norm_cuda);
+  m.impl("row_col_sq_means_", &row_col_sq_means_cuda);
   for_each_optimizer([&](auto descriptor) {
     using Optimizer = decltype(descriptor);
     register_step_kernel<Optimizer, &step<Optimizer>>(m, c10::DeviceType::CUDA);

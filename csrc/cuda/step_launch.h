@@ -8,6 +8,7 @@
 
 #include "../rules/common.h"
 #include "../rules/reduction.h"
+#include "../rules/row_col_sums.h"
 
 struct CUstream_st;  // cudaStream_t, without the CUDA runtime headers
 
@@ -79,5 +80,29 @@ int64_t max_tensors_per_launch(bool quantized_state = false);
 template <class Optimizer>
 void launch_step(const StepLaunch& launch, const typename Optimizer::Hyper& hyper);
 void roofline_step(const StepLaunch& launch, int num_slots);
+
+// fastopt::row_col_sq_means_ over one grad (Note [Row and column sums]):
+// the grad dense and row-major as [batches, rows, cols], its means of its
+// opmath dtype (double for float64 grads, else float).
+struct RowColLaunch {
+  const void* grad;
+  Dtype dtype;
+  void* row_means;  // batches * rows
+  void* col_means;  // batches * cols
+  int64_t batches, rows, cols;
+  const double* grad_scale;  // grads are divided by it; may be null
+  double* workspace;         // row_col_workspace_doubles(...) doubles of device memory
+  CUstream_st* stream;
+};
+
+// The doubles of device memory a launch needs: each row's lane sums and each
+// column chunk's sums.
+inline int64_t row_col_workspace_doubles(int64_t batches, int64_t rows, int64_t cols) {
+  return batches * (rows * rules::kRowSumLanes + rules::num_column_chunks(rows) * cols);
+}
+
+// Queues the kernels of one RowColLaunch; throws std::runtime_error when a
+// launch fails.
+void launch_row_col_sq_means(const RowColLaunch& launch);
 
 }  // namespace fastopt::cuda

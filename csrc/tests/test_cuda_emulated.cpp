@@ -33,6 +33,7 @@
 #include "../cuda/step_launch.h"
 #include "../optimizer_table.h"
 #include "../rules/quantization.h"
+#include "../validate.h"
 #include "check.h"
 #include "cuda_emulation/float16.h"
 #include "cuda_emulation/launch_count.h"
@@ -621,6 +622,48 @@ void test_conversions() {
   }
 }
 
+// fastopt::row_col_sq_means_ (Note [Row and column sums]): the emulated
+// kernels against the CPU op, bit for bit, over every dtype, with and
+// without a grad_scale, on shapes with several column chunks, a batch dim,
+// rows shorter and longer than the lanes, and no elements.
+void test_row_col_sums() {
+  const std::vector<std::vector<int64_t>> shapes = {{1, 1},   {3, 5},     {7, 33},  {2, 3, 17},
+                                                    {300, 70}, {40, 2000}, {0, 5},   {5, 0}};
+  for (const at::ScalarType dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    const at::ScalarType opmath = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    for (const bool scaled : {false, true}) {
+      for (const auto& shape : shapes) {
+        const at::Tensor grad = (at::randn(shape, at::kDouble) * 3).to(dtype);
+        const at::Tensor scale = at::full({}, 0.37, at::kDouble);
+        const std::vector<at::Tensor> grads{grad};
+        std::vector<at::Tensor> rows{at::full(factor_shape(grad, true), 7.0, opmath)};
+        std::vector<at::Tensor> cols{at::full(factor_shape(grad, false), 7.0, opmath)};
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fastopt::row_col_sq_means_", "")
+            .typed<void(at::TensorList, at::TensorList, at::TensorList, const std::optional<at::Tensor>&)>()
+            .call(grads, rows, cols, scaled ? std::optional<at::Tensor>(scale) : std::nullopt);
+        const at::Tensor row = at::full_like(rows[0], 7.0), col = at::full_like(cols[0], 7.0);
+        cuda::RowColLaunch launch{};
+        launch.grad = grad.const_data_ptr();
+        launch.dtype = cuda_dtype(dtype);
+        launch.row_means = row.data_ptr();
+        launch.col_means = col.data_ptr();
+        launch.batches = matrix_batches(grad);
+        launch.rows = grad.size(-2);
+        launch.cols = grad.size(-1);
+        launch.grad_scale = scaled ? scale.const_data_ptr<double>() : nullptr;
+        std::vector<double> workspace(cuda::row_col_workspace_doubles(launch.batches, launch.rows, launch.cols));
+        launch.workspace = workspace.data();
+        cuda::launch_row_col_sq_means(launch);
+        const std::string what = concat(c10::toString(dtype), " ", at::IntArrayRef(shape), scaled ? " scaled" : "");
+        FASTOPT_CHECK(first_difference(row.reshape(-1), rows[0].reshape(-1)) == -1, what, " row means");
+        FASTOPT_CHECK(first_difference(col.reshape(-1), cols[0].reshape(-1)) == -1, what, " column means");
+        FASTOPT_CHECK(grad.numel() == 0 || !at::equal(row, at::full_like(row, 7.0)), what, " rows written");
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fastopt::test
 
@@ -632,5 +675,6 @@ int main() {
   fastopt::test::test_conversions();
   fastopt::test::test_variants_on_storages();
   fastopt::test::test_many_tensors();
+  fastopt::test::test_row_col_sums();
   return fastopt::test::summary("cuda_emulated");
 }
