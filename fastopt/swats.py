@@ -37,6 +37,8 @@ from .optimizer import FusedOptimizer, _scalar, large_model_options, MIN_8BIT_SI
 
 # The states every param keeps for its group (Note [SWATS's switch]).
 GROUP_STATES = ("switched", "sgd_lr", "lr_avg")
+# The sums of a param's Adam step that the op stores (its sum states).
+SUM_STATES = ("update_sq", "update_dot_grad")
 
 
 class SWATS(FusedOptimizer):
@@ -67,7 +69,7 @@ class SWATS(FusedOptimizer):
 
     _op = "swats"
     _op_slots = ("exp_avg", "exp_avg_sq")
-    _scalar_states = ("step", *GROUP_STATES, "update_sq", "update_dot_grad")
+    _scalar_states = ("step", *GROUP_STATES, *SUM_STATES)
     _sparse_grad_error = "SWATS does not support sparse gradients"
     _norms_per_param = True
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 import fastopt
+from fastopt import swats
 import oracles  # torch.optim-style oracles of the optimizers torch.optim lacks
 from fastopt.reference import is_dense  # the layout the kernels walk in place
 
@@ -312,7 +313,7 @@ SCALAR_STATE_KEYS = frozenset(key for case in OPTIMIZERS for key in case.fastopt
 # compared within a tolerance (assert_scalar_state_matches), not bit for bit.
 # The sum of u*g over a param of a few elements can cancel, so an ulp of
 # its terms is more than an ulp of it: never tighter than MEASURED_RTOL.
-MEASURED_STATE_KEYS = frozenset({"update_sq", "update_dot_grad", "lr_avg", "sgd_lr"})
+MEASURED_STATE_KEYS = frozenset(swats.SUM_STATES) | frozenset(swats.GROUP_STATES) - {"switched"}
 MEASURED_RTOL = 1e-4
 
 

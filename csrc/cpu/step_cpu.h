@@ -226,11 +226,21 @@ void apply_rule(const char* op, const StepLists& lists, typename Rule::Hyper hyp
   }
   // Tensors of one group almost always share their scalar states, so the
   // scalars are derived once per distinct run of them: run_starts[r] is the
-  // first tensor of run r, scalars_index[i] the run of tensor i.
+  // first tensor of run r, scalars_index[i] the run of tensor i.  The sum
+  // states (Note [Reduction phase]) differ per tensor but feed no scalars,
+  // so they do not split runs.
+  constexpr int kFirstSum = rules::first_sum_state<Rule>();
+  const auto same_scalars = [&](size_t i, size_t j) {
+    for (int c = 0; c < kStates; ++c) {
+      const bool sum_state = kFirstSum >= 0 && c >= kFirstSum && c < kFirstSum + rules::num_sums<Rule>();
+      if (!sum_state && (before[i][c] != before[j][c] || after[i][c] != after[j][c])) return false;
+    }
+    return true;
+  };
   std::vector<size_t> run_starts;
   std::vector<int64_t> scalars_index(n);
   for (size_t i = 0; i < n; ++i) {
-    if (i == 0 || before[i] != before[i - 1] || after[i] != after[i - 1]) run_starts.push_back(i);
+    if (i == 0 || !same_scalars(i, i - 1)) run_starts.push_back(i);
     scalars_index[i] = int64_t(run_starts.size()) - 1;
   }
 

@@ -32,7 +32,9 @@
 // 0: SWATS after its switch); and `kSumStates`, the first of kNumSums
 // scalar states the drivers store each tensor's sums into (as float32,
 // after the reduction phase, in sum order), for a rule whose sums are
-// needed beyond the tensor (SWATS's per-group projection).
+// needed beyond the tensor (SWATS's per-group projection).  A rule's
+// scalars must not read its sum states: the CPU driver derives the scalars
+// once per run of tensors whose other scalar states agree.
 #pragma once
 
 #include <cstdint>
