@@ -25,67 +25,38 @@ using rules::kRowSumLanes;
 // (x / scale)^2 into row_means, each column's sum of the chunk's squares
 // into column_sums (in row order).
 template <typename scalar_t>
-FASTOPT_ALWAYS_INLINE void chunk_body(const scalar_t* x, int64_t rows, int64_t cols,
-                                      at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* row_means,
-                                      double* column_sums) {
+struct ChunkBody {
   using opmath_t = at::opmath_type<scalar_t>;
-  std::fill(column_sums, column_sums + cols, 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = x + r * cols;
-    double lanes[kRowSumLanes] = {};
-    int64_t j = 0;
-    for (; j + kRowSumLanes <= cols; j += kRowSumLanes) {
-      for (int k = 0; k < kRowSumLanes; ++k) {
-        const double v = static_cast<double>(static_cast<opmath_t>(row[j + k]) / scale);
-        lanes[k] += v * v;
-        column_sums[j + k] += v * v;
+  static FASTOPT_ALWAYS_INLINE void run(const scalar_t* x, int64_t rows, int64_t cols, opmath_t scale,
+                                        opmath_t* row_means, double* column_sums) {
+    std::fill(column_sums, column_sums + cols, 0.0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = x + r * cols;
+      double lanes[kRowSumLanes] = {};
+      int64_t j = 0;
+      for (; j + kRowSumLanes <= cols; j += kRowSumLanes) {
+        for (int k = 0; k < kRowSumLanes; ++k) {
+          const double v = static_cast<double>(static_cast<opmath_t>(row[j + k]) / scale);
+          lanes[k] += v * v;
+          column_sums[j + k] += v * v;
+        }
       }
+      for (int k = 0; j < cols; ++j, ++k) {
+        const double v = static_cast<double>(static_cast<opmath_t>(row[j]) / scale);
+        lanes[k] += v * v;
+        column_sums[j] += v * v;
+      }
+      double sum = 0;
+      for (int k = 0; k < kRowSumLanes; ++k) sum += lanes[k];
+      row_means[r] = static_cast<opmath_t>(sum / static_cast<double>(cols));
     }
-    for (int k = 0; j < cols; ++j, ++k) {
-      const double v = static_cast<double>(static_cast<opmath_t>(row[j]) / scale);
-      lanes[k] += v * v;
-      column_sums[j] += v * v;
-    }
-    double sum = 0;
-    for (int k = 0; k < kRowSumLanes; ++k) sum += lanes[k];
-    row_means[r] = static_cast<opmath_t>(sum / static_cast<double>(cols));
   }
-}
+};
 
+// The chunk loop of one grad dtype, per ISA.
 template <typename scalar_t>
-void chunk_baseline(const scalar_t* x, int64_t rows, int64_t cols, at::opmath_type<scalar_t> scale,
-                    at::opmath_type<scalar_t>* row_means, double* column_sums) {
-  chunk_body(x, rows, cols, scale, row_means, column_sums);
-}
-
-#if FASTOPT_X86_MULTIVERSION
-template <typename scalar_t>
-FASTOPT_TARGET_AVX2 void chunk_avx2(const scalar_t* x, int64_t rows, int64_t cols,
-                                    at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* row_means,
-                                    double* column_sums) {
-  chunk_body(x, rows, cols, scale, row_means, column_sums);
-}
-
-template <typename scalar_t>
-FASTOPT_TARGET_AVX512 void chunk_avx512(const scalar_t* x, int64_t rows, int64_t cols,
-                                        at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t>* row_means,
-                                        double* column_sums) {
-  chunk_body(x, rows, cols, scale, row_means, column_sums);
-}
-#endif
-
-template <typename scalar_t>
-void chunk(const scalar_t* x, int64_t rows, int64_t cols, at::opmath_type<scalar_t> scale,
-           at::opmath_type<scalar_t>* row_means, double* column_sums) {
-#if FASTOPT_X86_MULTIVERSION
-  switch (active_isa()) {
-    case Isa::kAvx512: return chunk_avx512(x, rows, cols, scale, row_means, column_sums);
-    case Isa::kAvx2: return chunk_avx2(x, rows, cols, scale, row_means, column_sums);
-    case Isa::kBaseline: break;
-  }
-#endif
-  chunk_baseline(x, rows, cols, scale, row_means, column_sums);
-}
+using ChunkLoop = IsaClones<ChunkBody<scalar_t>, const scalar_t*, int64_t, int64_t, at::opmath_type<scalar_t>,
+                            at::opmath_type<scalar_t>*, double*>;
 
 // One grad as matrices, with its outputs and its part of the column sums.
 struct Matrices {
@@ -119,6 +90,7 @@ void row_col_sq_means_cpu(at::TensorList grads, at::TensorList row_means, at::Te
     column_doubles += m.batches * m.chunks * m.cols;
   }
   std::vector<double> column_sums(column_doubles);
+  const Isa isa = active_isa();
   auto tensor_of_unit = [&](int64_t unit) {
     return std::upper_bound(tensors.begin(), tensors.end(), unit,
                             [](int64_t u, const Matrices& m) { return u < m.first_unit; }) - 1;
@@ -132,9 +104,10 @@ void row_col_sq_means_cpu(at::TensorList grads, at::TensorList row_means, at::Te
       const int64_t offset = (batch * m.rows + first_row) * m.cols;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.grad.scalar_type(), kOp, [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        chunk(m.grad.const_data_ptr<scalar_t>() + offset, rows, m.cols, static_cast<opmath_t>(scale),
-              m.row_means.data_ptr<opmath_t>() + batch * m.rows + first_row,
-              column_sums.data() + m.first_column + index * m.cols);
+        ChunkLoop<scalar_t>::for_isa(isa)(m.grad.const_data_ptr<scalar_t>() + offset, rows, m.cols,
+                                          static_cast<opmath_t>(scale),
+                                          m.row_means.data_ptr<opmath_t>() + batch * m.rows + first_row,
+                                          column_sums.data() + m.first_column + index * m.cols);
       });
     }
   });
