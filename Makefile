@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: install test pytest ctest ctest-sanitize cuda-check gpu-check bench bench-quick clean
+.PHONY: install test pytest ctest ctest-sanitize cuda-check gpu-check bench bench-quick bench-8bit-bound clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,16 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench --quick --out bench-out/quick
+
+# Where an Adam step with 8-bit state spends its CPU time on one core (the
+# rule, the codec, both), in L1 and in memory: bench/cpu_8bit_bound.cpp.
+# Header-only, no torch; the flags of the extension's loops (setup.py).
+CXX ?= g++
+bench-8bit-bound:
+	mkdir -p build
+	$(CXX) -std=c++20 -O3 -march=native -mprefer-vector-width=512 -ffp-contract=off -fno-math-errno \
+	    -fno-trapping-math -Icsrc bench/cpu_8bit_bound.cpp -o build/cpu_8bit_bound
+	build/cpu_8bit_bound
 
 clean:
 	rm -rf $(VENV) build build-cmake build-cmake-asan bench-out fastopt/_C*.so *.egg-info
