@@ -58,7 +58,8 @@ bench-quick: install
 
 # Where an Adam step with 8-bit state spends its CPU time on one core (the
 # rule, the codec, both), in L1 and in memory: bench/cpu_8bit_bound.cpp.
-# Header-only, no torch; the flags of the extension's loops (setup.py).
+# Header-only, no torch; setup.py's floating-point flags, and the best ISA of
+# this CPU (the extension picks it at run time).
 CXX ?= g++
 bench-8bit-bound:
 	mkdir -p build

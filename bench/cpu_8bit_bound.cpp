@@ -42,9 +42,7 @@ __attribute__((noinline)) void decode(const uint8_t* codes, float stored_scale, 
 }
 
 __attribute__((noinline)) void encode(const float* values, int64_t count, uint8_t* codes, float* stored_scale) {
-  alignas(64) uint32_t wide[kBlock];
-  quantization::encode_block(values, count, wide, stored_scale);
-  for (int64_t i = 0; i < count; ++i) codes[i] = uint8_t(wide[i]);
+  quantization::encode_block_narrowed(values, count, codes, stored_scale);
 }
 
 struct State {

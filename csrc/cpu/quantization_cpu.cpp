@@ -7,21 +7,11 @@
 namespace fastopt::cpu {
 namespace {
 
-// Codes are computed in 32-bit lanes and narrowed in a second pass: with an
-// 8-bit destination GCC vectorizes the arithmetic itself in 8-bit lanes,
-// narrowing every intermediate, which made the encode about 1.2x slower (AVX2).
-FASTOPT_ALWAYS_INLINE void encode_narrowed(const float* values, int64_t count, uint8_t* codes,
-                                           float* stored_scale) {
-  alignas(64) uint32_t wide[quantization::kBlockElements];
-  quantization::encode_block(values, count, wide, stored_scale);
-  for (int64_t i = 0; i < count; ++i) codes[i] = uint8_t(wide[i]);
-}
-
 void decode_baseline(const uint8_t* codes, float stored_scale, int64_t count, float* values) {
   quantization::decode_block(codes, stored_scale, count, values);
 }
 void encode_baseline(const float* values, int64_t count, uint8_t* codes, float* stored_scale) {
-  encode_narrowed(values, count, codes, stored_scale);
+  quantization::encode_block_narrowed(values, count, codes, stored_scale);
 }
 
 #if FASTOPT_X86_MULTIVERSION
@@ -31,7 +21,7 @@ FASTOPT_TARGET_AVX2 void decode_avx2(const uint8_t* codes, float stored_scale, i
 }
 FASTOPT_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, uint8_t* codes,
                                      float* stored_scale) {
-  encode_narrowed(values, count, codes, stored_scale);
+  quantization::encode_block_narrowed(values, count, codes, stored_scale);
 }
 FASTOPT_TARGET_AVX512 void decode_avx512(const uint8_t* codes, float stored_scale, int64_t count,
                                          float* values) {
@@ -39,7 +29,7 @@ FASTOPT_TARGET_AVX512 void decode_avx512(const uint8_t* codes, float stored_scal
 }
 FASTOPT_TARGET_AVX512 void encode_avx512(const float* values, int64_t count, uint8_t* codes,
                                          float* stored_scale) {
-  encode_narrowed(values, count, codes, stored_scale);
+  quantization::encode_block_narrowed(values, count, codes, stored_scale);
 }
 #endif
 
